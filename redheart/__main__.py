@@ -1,0 +1,3 @@
+from redheart.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""What goes into the two kinds of checkpoint, and where they live in an output directory.
+
+- Epoch snapshots `checkpoints_final/checkpoint_epoch_EEEE_lr_<lr>_<ts>.pt`: the weights (in
+  `train.snapshot_dtype`), the epoch's metrics and the config. Small; Sweet Spot and
+  Crossover read them; listed in `metadata.json`.
+- Resume states `checkpoints_final/resume_state_<run>_step<N>.pt`: everything an exact
+  continuation needs (fp32 weights, optimizer, schedule, EMA, RNG states, data position,
+  metric history, OOM state). The newest `train.resume_states_kept` are kept, listed with
+  their checksums in `resume_states.json`.
+
+Both load with `torch.load(path, weights_only=True)` and hold `model_state`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redheart.ckpt.io import CheckpointError, FORMAT_VERSION, atomic_write_text, load, read_metadata
+
+log = logging.getLogger("redheart")
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(time.time() * 1e6) % 1_000_000:06d}"
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    run_id: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints_final"
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "lr_sweep_results"
+
+    @property
+    def sweetspot(self) -> Path:
+        return self.root / "sweet_spot_analysis"
+
+    @property
+    def oom(self) -> Path:
+        return self.root / "oom_stats"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.logs / f"metrics_{self.run_id}.jsonl"
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs / f"training_{self.run_id}.log"
+
+    @property
+    def config_file(self) -> Path:
+        return self.logs / f"config_{self.run_id}.yaml"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.logs / f"tb_{self.run_id}"
+
+    @property
+    def memory_file(self) -> Path:
+        return self.logs / f"memory_{self.run_id}.json"
+
+    def snapshot_path(self, epoch: int, lr: float) -> Path:
+        return self.checkpoints / f"checkpoint_epoch_{epoch:04d}_lr_{lr:.6f}_{timestamp()}.pt"
+
+    def resume_path(self, global_step: int) -> Path:
+        return self.checkpoints / f"resume_state_{self.run_id}_step{global_step:08d}.pt"
+
+    def make(self) -> None:
+        for p in (self.checkpoints, self.logs):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# RNG states (as tensors and plain values, so they load with weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.set_rng_state(cuda_states[i % len(cuda_states)], i)
+
+
+# ---------------------------------------------------------------------------------------
+# Resume-state registry
+
+
+def registry_path(root: Path) -> Path:
+    return Path(root) / "checkpoints_final" / "resume_states.json"
+
+
+def read_registry(root: Path) -> list[dict[str, Any]]:
+    path = registry_path(root)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is not valid JSON; resume states will be found by scanning the folder", path)
+        return _scan_resume_states(root)
+    return data if isinstance(data, list) else []
+
+
+def _scan_resume_states(root: Path) -> list[dict[str, Any]]:
+    files = sorted((Path(root) / "checkpoints_final").glob("resume_state_*.pt"), key=lambda p: p.stat().st_mtime)
+    return [{"path": str(p), "sha256": None, "timestamp": "", "run_id": "?", "finished": False} for p in files]
+
+
+def write_registry(root: Path, entries: list[dict[str, Any]]) -> None:
+    atomic_write_text(json.dumps(entries, indent=2) + "\n", registry_path(root))
+
+
+def find_resume_state(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The newest resume state whose checksum matches; corrupted ones are reported and skipped.
+
+    Returns (checkpoint, registry entry). Raises CheckpointError when none is usable.
+    """
+    entries = read_registry(root)
+    if not entries:
+        raise CheckpointError(f"no resume state in {Path(root) / 'checkpoints_final'}: nothing to resume")
+    problems = []
+    for entry in reversed(entries):
+        try:
+            ckpt = load(entry["path"], entry.get("sha256"))
+        except CheckpointError as exc:
+            log.error("skipping %s: %s", Path(entry["path"]).name, exc)
+            problems.append(str(exc))
+            continue
+        if ckpt.get("kind") != "resume":
+            problems.append(f"{entry['path']} is not a resume state")
+            continue
+        return ckpt, entry
+    raise CheckpointError("no usable resume state: " + "; ".join(problems))
+
+
+def check_snapshot(ckpt: dict[str, Any], path: Path) -> None:
+    if ckpt.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format')!r} is not {FORMAT_VERSION}")
+
+
+def snapshot_entries(root: Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """metadata.json entries (optionally of one run) whose files still exist."""
+    entries = read_metadata(Path(root) / "checkpoints_final")
+    return [e for e in entries if (run_id is None or e.get("run_id") == run_id) and Path(e["path"]).is_file()]

@@ -1,0 +1,262 @@
+"""The command line: command -> function, argument parsing only.
+
+    redheart unified-test | unified-train | unified-test-v1 | train-local | validate
+    redheart info | predict | sweep | crossover | plot
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+from redheart.config import PRESETS, Config, ConfigError, build_config, preset
+
+log = logging.getLogger("redheart")
+
+EXIT_USAGE = 2
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def common_args(p: argparse.ArgumentParser, samples_help: str) -> None:
+    p.add_argument("--preset", choices=PRESETS, help="model preset (default: 730m on a GPU, tiny without one for test modes)")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="data file or folder, or FORMAT:PATH (canonical, redheart, scruples, goemotions); repeatable")
+    p.add_argument("--output-dir", default="training", help="root of all outputs (default: training)")
+    p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint, or the newest resume state")
+    p.add_argument("--restart", action="store_true", help="start a new run even if an unfinished one is in --output-dir")
+    p.add_argument("--samples", type=int, default=None, help=samples_help + " (also SAMPLES=N)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", type=int, help="micro-batch size; the accumulation is recomputed to keep the effective batch")
+    p.add_argument("--max-records", type=int, help="use a stable slice of this many records")
+    p.add_argument("--lr", type=float, help="peak learning rate (the LR sweep replaces it when it runs)")
+    p.add_argument("--lr-sweep", dest="lr_sweep", action="store_true", default=None, help="run the LR sweep first")
+    p.add_argument("--no-lr-sweep", dest="lr_sweep", action="store_false", help="skip the LR sweep")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad data lines instead of stopping")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file(s), applied in order")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=3e-4")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--verbose", action="store_true", help="log every optimizer step")
+
+
+def parse_samples(args) -> int | None:
+    if args.samples is not None:
+        return args.samples
+    env = os.environ.get("SAMPLES")
+    if env is None or env == "":
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        raise ConfigError(f"SAMPLES={env!r}: expected a whole number") from None
+    return n
+
+
+def make_config(args, mode: str, preset_name: str) -> Config:
+    cfg = build_config(preset_name, args.config, [])
+    samples = parse_samples(args)
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples/SAMPLES: must be >= 1 (got {samples})")
+    if mode in ("unified-test", "unified-test-v1"):
+        cfg.sweep.enabled = True
+        cfg.sweep.steps = 20
+        cfg.train.save_every = 1  # a snapshot per epoch, so Sweet Spot and Crossover have a choice
+        cfg.train.epochs = samples or 2
+    elif mode == "unified-train":
+        if samples is not None:
+            cfg.train.epochs = samples
+    elif mode == "train-local":
+        cfg.data.max_train_records = samples or 3
+        cfg.memory.monitor = True
+        cfg.train.epochs = 2
+        cfg.train.log_every = 1
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size: must be >= 1 (got {args.batch_size})")
+        eff = cfg.effective_batch
+        cfg.train.micro_batch = args.batch_size
+        cfg.train.grad_accum = max(1, math.ceil(eff / args.batch_size))
+        if cfg.effective_batch != eff:
+            log.warning("--batch-size %d does not divide the effective batch %d: it becomes %d",
+                        args.batch_size, eff, cfg.effective_batch)
+    if args.lr is not None:
+        cfg.train.lr = args.lr
+    if args.lr_sweep is not None:
+        cfg.sweep.enabled = args.lr_sweep
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.device:
+        cfg.train.device = args.device
+    if args.max_records is not None:
+        cfg.data.max_records = args.max_records
+    if args.skip_bad_records:
+        cfg.data.skip_bad_records = True
+    if args.data:
+        cfg.data.paths = [_absolute_spec(s) for s in args.data]
+    cfg.output_dir = args.output_dir
+    from redheart.config import parse_assignment, set_value
+
+    for a in args.set:
+        k, v = parse_assignment(a)
+        set_value(cfg, k, v)
+    return cfg.validate()
+
+
+def _absolute_spec(spec: str) -> str:
+    head, sep, tail = spec.partition(":")
+    if sep and head in ("canonical", "redheart", "scruples", "goemotions"):
+        return f"{head}:{os.path.abspath(os.path.expanduser(tail))}"
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def choose_preset(args, mode: str) -> str:
+    if args.preset:
+        return args.preset
+    if mode in ("unified-test", "train-local") and not _gpu_available():
+        print(f"[redheart] no GPU found: {mode} uses the 'tiny' preset (choose another with --preset)", file=sys.stderr)
+        return "tiny"
+    return "730m"
+
+
+def cmd_train(args, mode: str) -> int:
+    from redheart.run import RunOptions, train
+
+    cfg = make_config(args, mode, choose_preset(args, mode))
+    opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given=args.epochs is not None,
+                      debug=args.debug, verbose=args.verbose, analysis=mode != "train-local")
+    return train(cfg, opts)
+
+
+def cmd_unified_test_v1(args) -> int:
+    from redheart.run import RunOptions, train
+
+    presets = [args.preset] if args.preset else ["v1-800m", "v1-320m"]
+    gpu = _gpu_available()
+    worst = 0
+    for name in presets:
+        cfg = make_config(args, "unified-test-v1", name)
+        if not gpu and args.max_records is None:
+            cfg.data.max_records, cfg.train.grad_accum, cfg.sweep.enabled = 40, 4, False
+            cfg.train.epochs = min(cfg.train.epochs, 2)
+            print(f"[redheart] no GPU found: {name} runs a bounded check on CPU "
+                  f"({cfg.data.max_records} records, {cfg.train.epochs} epochs, no LR sweep)", file=sys.stderr)
+        cfg.output_dir = os.path.join(args.output_dir, name)
+        opts = RunOptions(resume=args.resume, restart=True if args.resume is None else args.restart,
+                          debug=args.debug, verbose=args.verbose)
+        code = train(cfg, opts)
+        worst = max(worst, code)
+        if code:
+            break
+    return worst
+
+
+def cmd_info(args) -> int:
+    from redheart.model.modules import preset_parameter_counts
+    from redheart.train.memory import estimate
+
+    cfg = build_config(args.preset, args.config, args.set)
+    counts = preset_parameter_counts(cfg)
+    out: dict[str, Any] = {"preset": args.preset, "trainable_parameters": counts}
+    if args.memory:
+        out["memory_estimate_gib"] = estimate(cfg, counts["total"])
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from redheart.validate import run_checks
+
+    cfg = make_config(args, "validate", args.preset or ("730m" if _gpu_available() else "tiny"))
+    return run_checks(cfg, mode=args.target)
+
+
+def cmd_predict(args) -> int:
+    from redheart.predict import predict_command
+
+    return predict_command(args)
+
+
+def cmd_crossover(args) -> int:
+    from redheart.analysis_cli import crossover_command
+
+    return crossover_command(args)
+
+
+def cmd_plot(args) -> int:
+    from redheart.analysis_cli import plot_command
+
+    return plot_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="redheart", description="Red Heart AI training system")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_, samples in [
+        ("unified-test", "quick end-to-end run: LR sweep -> 2 epochs -> Sweet Spot -> Crossover", "number of epochs"),
+        ("unified-train", "full training (60 epochs by default)", "number of epochs"),
+        ("unified-test-v1", "the quick test on the legacy 800M and 320M presets", "number of epochs"),
+        ("train-local", "training on a few samples with memory monitored every step", "number of training samples (default 3)"),
+        ("validate", "integrity check without training", "unused"),
+    ]:
+        sp = sub.add_parser(name, help=help_)
+        common_args(sp, samples)
+        if name == "validate":
+            sp.add_argument("--target", default="unified-train", choices=["unified-test", "unified-train"],
+                            help="which mode's needs to check (disk space, preset)")
+    sp = sub.add_parser("info", help="a preset's trainable parameters per module, as JSON")
+    sp.add_argument("--preset", choices=PRESETS, default="730m")
+    sp.add_argument("--memory", action="store_true", help="add the training-memory estimate")
+    sp.add_argument("--config", action="append", default=[])
+    sp.add_argument("--set", action="append", default=[])
+    sp = sub.add_parser("predict", help="predict the four heads for texts with a trained checkpoint")
+    sp.add_argument("--checkpoint", required=True, help="a checkpoint, snapshot or crossover_final.pth")
+    sp.add_argument("texts", nargs="*", help="texts; none = read one text per line from --file or stdin")
+    sp.add_argument("--file", help="a file with one text per line")
+    sp.add_argument("--device", default="cpu")
+    sp = sub.add_parser("crossover", help="run Sweet Spot and Parameter Crossover on a finished run directory")
+    sp.add_argument("run_dir", nargs="?", default="training")
+    sp.add_argument("--run-id", help="which run in the directory (default: the newest with snapshots)")
+    sp.add_argument("--set", action="append", default=[], help="override sweetspot.* / crossover.* values")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--debug", action="store_true")
+    sp = sub.add_parser("plot", help="draw the training curves of a run from its metrics record")
+    sp.add_argument("run_dir", nargs="?", default="training")
+    sp.add_argument("--run-id")
+    sp.add_argument("--out", help="output PNG path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from redheart.ckpt.io import CheckpointError
+    from redheart.data.schema import DataError
+    from redheart.model.encoder import EncoderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("unified-test", "unified-train", "train-local"):
+            return cmd_train(args, args.command)
+        handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
+                    "predict": cmd_predict, "crossover": cmd_crossover, "plot": cmd_plot}
+        return handlers[args.command](args)
+    except (ConfigError, DataError, CheckpointError, EncoderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from redheart.run import UsageError
+
+        if isinstance(exc, UsageError):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise

@@ -1,0 +1,378 @@
+"""Dataclass configs, the named presets, and overrides from YAML files and `key=value` pairs.
+
+A `Config` is plain data: it is saved with every run (YAML) and inside every checkpoint (a
+dict), and rebuilt from either. `Config.validate()` raises `ConfigError` naming the field.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "730m", "v1-800m", "v1-320m")
+MODULES = ("backbone", "emotion", "bentham", "regret", "surd")
+HEADS = ("emotion", "bentham", "regret", "surd")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, a bad override or an unreadable config file."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "all-MiniLM-L6-v2"  # built-in encoder name, or a local directory with a BERT-type encoder
+    encoder_dim: int = 384  # width of the encoder's token states (checked when the encoder loads)
+    hidden: int = 1280  # backbone and tower width
+    layers: int = 18  # backbone Transformer layers
+    heads: int = 20  # attention heads (hidden must divide by it)
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden
+    tower_layers: int = 4  # Transformer layers inside each task tower
+    tower_mlp: int = 5888  # hidden width of each tower's output MLP (hidden -> tower_mlp -> hidden -> out)
+    dropout: float = 0.1  # dropout in the backbone and towers (the encoder is frozen, no dropout)
+    max_tokens: int = 256  # encoder tokens per text (longer texts are truncated)
+    activation_checkpointing: bool = False  # recompute layer activations in backward to save memory
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # data specs (file, folder, or FORMAT:PATH); empty = the shipped sample
+    max_records: int = 0  # use at most this many records after import (0 = all); a stable slice by id hash
+    max_train_records: int = 0  # use at most this many training records (0 = all); validation is not cut
+    train_frac: float = 0.8  # split fractions, by a hash of the record id
+    val_frac: float = 0.1  # the rest is the test split
+    skip_bad_records: bool = False  # skip (and count) bad lines instead of stopping with an error
+    length_group_steps: int = 16  # sort this many optimizer steps' samples by length to cut padding (0 = off)
+    encoder_cache: str = "auto"  # keep the frozen encoder's token states in memory: auto | on | off
+    encoder_cache_gb: float = 4.0  # "auto" caches when the estimated cache is under this size
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    micro_batch: int = 2  # samples per forward/backward
+    grad_accum: int = 32  # micro-batches per optimizer step; effective batch = micro_batch * grad_accum
+    lr: float = 1e-4  # peak learning rate (the LR sweep's choice replaces it when the sweep runs)
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.05  # share of all optimizer steps spent in linear warm-up
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    clip_norm: float = 1.0  # gradient clipping by global norm (0 = off)
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp32
+    save_every: int = 2  # write an epoch snapshot every N epochs (the guide: every even epoch)
+    keep_checkpoints: int = 30  # at most this many epoch snapshots; pinned ones are never deleted
+    snapshot_dtype: str = "bf16"  # dtype of the weights in epoch snapshots: bf16 | fp32
+    snapshot_weights: str = "raw"  # which weights the epoch snapshots keep for Sweet Spot/Crossover: raw | ema
+    head_weights: dict[str, float] = field(
+        default_factory=lambda: {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 1.0}
+    )
+    eval_batch: int = 32  # samples per forward pass in validation (does not change any result)
+    log_every: int = 10  # optimizer steps between progress lines (--verbose: every step)
+    max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
+    compile: bool = False  # torch.compile the network (GPU)
+    resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
+
+
+@dataclass
+class TechniqueConfig:
+    label_smoothing: float = 0.1  # on the emotion (and surd) soft-target cross-entropy; 0 = off
+    smooth_surd: bool = True  # apply the label smoothing to the surd distribution too
+    rdrop_alpha: float = 1.0  # weight of the R-Drop consistency term; 0 = off
+    ema_decay: float = 0.999  # EMA of the weights; 0 = off
+    ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) so early steps are not frozen at init
+    ema_device: str = "same"  # same (as the model) | cpu
+
+
+@dataclass
+class SweepConfig:
+    enabled: bool = False  # run the LR sweep before training (unified-test turns it on)
+    lr_min: float = 1e-5
+    lr_max: float = 1e-2
+    points: int = 5  # learning rates, log-spaced over [lr_min, lr_max]
+    steps: int = 30  # optimizer steps per learning rate
+    eval_every: int = 5  # validation every N steps of a sweep run
+    score_last: int = 3  # score = mean validation loss of the last N evaluations
+    refine: bool = False  # a second round of 3 rates around the winner
+
+
+@dataclass
+class SweetSpotConfig:
+    smoothing: int = 3  # centred moving-average window over epochs (1 = none)
+    tolerance: float = 0.01  # relative distance to the best smoothed value that counts as the plateau
+    trend_alpha: float = 0.05  # Mann-Kendall significance for "still improving at the end"
+
+
+@dataclass
+class CrossoverConfig:
+    enabled: bool = True
+    average_neighbors: bool = False  # also try the mean of the module's weights over the snapshots around its sweet spot
+    min_gain: float = 0.0  # a swap is kept only if the combined validation loss falls by more than this
+
+
+@dataclass
+class MemoryConfig:
+    swap: str = "auto"  # Dynamic Swap Manager: auto (on when the estimate exceeds the GPU) | on | off
+    max_oom_retries: int = 4  # halvings of the micro-batch before the swap manager, then a clean stop
+    monitor: bool = False  # sample memory every step (train-local turns it on)
+
+
+@dataclass
+class Config:
+    preset: str = "730m"
+    output_dir: str = "training"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tech: TechniqueConfig = field(default_factory=TechniqueConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    sweetspot: SweetSpotConfig = field(default_factory=SweetSpotConfig)
+    crossover: CrossoverConfig = field(default_factory=CrossoverConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.micro_batch * self.train.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Rebuild a config saved by `to_dict` (unknown keys are an error)."""
+        cfg = cls()
+        apply_mapping(cfg, data, origin="saved config")
+        return cfg
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+def preset(name: str) -> Config:
+    """The named preset's config. `tiny` runs the same code as `730m` at a CPU-friendly size."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    cfg = Config(preset=name)
+    m, t = cfg.model, cfg.train
+    if name == "tiny":
+        m.hidden, m.layers, m.heads, m.tower_layers, m.tower_mlp = 64, 2, 4, 1, 128
+        m.max_tokens = 128
+        t.micro_batch, t.grad_accum, t.epochs, t.lr = 2, 8, 2, 1e-3
+        t.snapshot_dtype = "fp32"
+    elif name == "v1-800m":  # legacy layout: ~300M backbone + ~500M towers
+        m.layers, m.tower_layers, m.tower_mlp = 15, 6, 3072
+    elif name == "v1-320m":
+        m.hidden, m.heads, m.layers, m.tower_layers, m.tower_mlp = 1024, 16, 12, 3, 2048
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in fields(obj)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vtyp = typing.get_args(typ)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, vtyp, f"{where}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{where}: unsupported field type {typ}")
+
+
+def set_value(cfg: Config, key: str, value: Any, origin: str = "--set") -> None:
+    """Set one dotted key (`train.lr`, `train.head_weights.surd`) with type checks."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    apply_mapping(cfg, nested, origin)
+
+
+def apply_mapping(obj: Any, data: Any, origin: str, prefix: str = "") -> None:
+    """Merge a nested mapping of config keys into a config (section by section)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = _field_types(obj)
+    for k, v in data.items():
+        where = f"{origin}: {prefix}{k}"
+        if k not in types:
+            raise ConfigError(f"{origin}: unknown config key {prefix + str(k)!r} "
+                              f"(known here: {', '.join(types)})")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            apply_mapping(current, v, origin, prefix=f"{prefix}{k}.")
+        elif typing.get_origin(types[k]) is dict and isinstance(v, dict):
+            merged = dict(current)
+            merged.update(_coerce(v, types[k], where))
+            setattr(obj, k, merged)
+        else:
+            setattr(obj, k, _coerce(v, types[k], where))
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 3e-4); the value is read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise ConfigError(f"--set: expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    return data
+
+
+def build_config(
+    preset_name: str,
+    yaml_files: list[str] | None = None,
+    assignments: list[str] | None = None,
+) -> Config:
+    """Preset, then each YAML file, then each `key=value`; validated."""
+    cfg = preset(preset_name)
+    for f in yaml_files or []:
+        data = load_yaml(f)
+        if "preset" in data and data["preset"] != preset_name:
+            cfg = preset(str(data["preset"]))
+        apply_mapping(cfg, data, origin=str(f))
+    for a in assignments or []:
+        key, value = parse_assignment(a)
+        set_value(cfg, key, value)
+    return cfg.validate()
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(ok: bool, where: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg} (got {value!r})")
+
+
+def _validate(cfg: Config) -> None:
+    _check(cfg.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", cfg.preset)
+    m, d, t, x, s = cfg.model, cfg.data, cfg.train, cfg.tech, cfg.sweep
+    for name in ("encoder_dim", "hidden", "layers", "heads", "ffn_mult", "tower_mlp", "max_tokens"):
+        v = getattr(m, name)
+        _check(v >= 1, f"model.{name}", "must be >= 1", v)
+    _check(m.tower_layers >= 0, "model.tower_layers", "must be >= 0", m.tower_layers)
+    _check(m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden={m.hidden}", m.heads)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+    _check(m.max_tokens <= 512, "model.max_tokens", "the encoder reads at most 512 tokens", m.max_tokens)
+    _check(d.max_records >= 0, "data.max_records", "must be >= 0", d.max_records)
+    _check(d.max_train_records >= 0, "data.max_train_records", "must be >= 0", d.max_train_records)
+    _check(0 < d.train_frac < 1, "data.train_frac", "must be in (0, 1)", d.train_frac)
+    _check(0 < d.val_frac < 1, "data.val_frac", "must be in (0, 1)", d.val_frac)
+    _check(d.train_frac + d.val_frac < 1, "data.val_frac", "train_frac + val_frac must leave a test split", d.val_frac)
+    _check(d.length_group_steps >= 0, "data.length_group_steps", "must be >= 0", d.length_group_steps)
+    _check(d.encoder_cache in ("auto", "on", "off"), "data.encoder_cache", "auto, on or off", d.encoder_cache)
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1", t.micro_batch)
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1", t.grad_accum)
+    _check(0 < t.lr < 1, "train.lr", "must be in (0, 1)", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)", t.betas)
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
+    _check(t.clip_norm >= 0, "train.clip_norm", "must be >= 0", t.clip_norm)
+    _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision)
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+           "auto, cpu, cuda or cuda:N", t.device)
+    _check(t.save_every >= 1, "train.save_every", "must be >= 1", t.save_every)
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", t.keep_checkpoints)
+    _check(t.snapshot_dtype in ("bf16", "fp32"), "train.snapshot_dtype", "bf16 or fp32", t.snapshot_dtype)
+    _check(t.snapshot_weights in ("raw", "ema"), "train.snapshot_weights", "raw or ema", t.snapshot_weights)
+    _check(set(t.head_weights) == set(HEADS), "train.head_weights", f"exactly the heads {HEADS}",
+           sorted(t.head_weights))
+    for h, w in t.head_weights.items():
+        _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
+    _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
+    _check(t.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", t.resume_states_kept)
+    _check(0 <= x.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", x.label_smoothing)
+    _check(x.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", x.rdrop_alpha)
+    _check(0 <= x.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", x.ema_decay)
+    _check(x.ema_device in ("same", "cpu"), "tech.ema_device", "same or cpu", x.ema_device)
+    _check(0 < s.lr_min < s.lr_max < 1, "sweep.lr_min", "need 0 < lr_min < lr_max < 1", (s.lr_min, s.lr_max))
+    _check(s.points >= 2, "sweep.points", "must be >= 2", s.points)
+    _check(s.steps >= 1, "sweep.steps", "must be >= 1", s.steps)
+    _check(1 <= s.eval_every <= s.steps, "sweep.eval_every", "must be in [1, sweep.steps]", s.eval_every)
+    _check(s.score_last >= 1, "sweep.score_last", "must be >= 1", s.score_last)
+    _check(cfg.sweetspot.smoothing >= 1, "sweetspot.smoothing", "must be >= 1", cfg.sweetspot.smoothing)
+    _check(cfg.sweetspot.tolerance >= 0, "sweetspot.tolerance", "must be >= 0", cfg.sweetspot.tolerance)
+    _check(0 < cfg.sweetspot.trend_alpha < 1, "sweetspot.trend_alpha", "must be in (0, 1)",
+           cfg.sweetspot.trend_alpha)
+    _check(cfg.crossover.min_gain >= 0, "crossover.min_gain", "must be >= 0", cfg.crossover.min_gain)
+    _check(cfg.memory.swap in ("auto", "on", "off"), "memory.swap", "auto, on or off", cfg.memory.swap)
+    _check(cfg.memory.max_oom_retries >= 0, "memory.max_oom_retries", "must be >= 0", cfg.memory.max_oom_retries)
+
+
+def copy_config(cfg: Config) -> Config:
+    return copy.deepcopy(cfg)

@@ -1,0 +1,164 @@
+"""Splits, tensors of targets and masks, the batching plan and collation.
+
+The unit of work is the optimizer step: each epoch's plan is a list of steps, each a list of
+sample indices (the effective batch). A step is cut into micro-batches only when it runs, so
+changing the micro-batch (by hand or after an out-of-memory error) keeps the same samples
+in the same step and the same loss normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
+
+SPLITS = ("train", "val", "test")
+
+
+def split_key(record_id: str) -> str:
+    """Ids that differ only after '#' (translations of one text) share a split."""
+    return record_id.split("#", 1)[0]
+
+
+def hash_unit(key: str, salt: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a key."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(record_id: str, train_frac: float = 0.8, val_frac: float = 0.1) -> str:
+    u = hash_unit(split_key(record_id), "split")
+    return "train" if u < train_frac else "val" if u < train_frac + val_frac else "test"
+
+
+def split_records(records: list[Record], train_frac: float, val_frac: float) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for r in records:
+        out[split_of(r.id, train_frac, val_frac)].append(r)
+    return out
+
+
+def take_slice(records: list[Record], n: int) -> list[Record]:
+    """A stable slice of n records (those of lowest id hash), kept in input order; the slice for
+    n is contained in the slice for any larger n, and it mixes all sources."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    chosen = set(sorted(range(len(records)), key=lambda i: hash_unit(split_key(records[i].id), "slice"))[:n])
+    return [r for i, r in enumerate(records) if i in chosen]
+
+
+class TaskData:
+    """One split as tensors: token ids and lengths, targets with their masks."""
+
+    def __init__(self, records: list[Record], token_ids: list[list[int]]):
+        n = len(records)
+        self.records = records
+        self.ids = [r.id for r in records]
+        self.token_ids = token_ids
+        self.lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+        self.emotion = torch.zeros(n, len(EMOTIONS))
+        self.emotion_mask = torch.zeros(n, dtype=torch.bool)
+        self.bentham = torch.zeros(n, len(BENTHAM))
+        self.bentham_mask = torch.zeros(n, len(BENTHAM), dtype=torch.bool)
+        self.regret = torch.zeros(n)
+        self.regret_mask = torch.zeros(n, dtype=torch.bool)
+        self.surd = torch.zeros(n, len(SURD))
+        self.surd_mask = torch.zeros(n, dtype=torch.bool)
+        for i, r in enumerate(records):
+            if r.emotion is not None:
+                self.emotion[i] = torch.tensor(r.emotion)
+                self.emotion_mask[i] = True
+            if r.bentham is not None:
+                for j, v in enumerate(r.bentham):
+                    if v is not None:
+                        self.bentham[i, j] = v
+                        self.bentham_mask[i, j] = True
+            if r.regret is not None:
+                self.regret[i] = r.regret
+                self.regret_mask[i] = True
+            if r.surd is not None:
+                self.surd[i] = torch.tensor(r.surd)
+                self.surd_mask[i] = True
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def targets(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "emotion": self.emotion[idx], "emotion_mask": self.emotion_mask[idx],
+            "bentham": self.bentham[idx], "bentham_mask": self.bentham_mask[idx],
+            "regret": self.regret[idx], "regret_mask": self.regret_mask[idx],
+            "surd": self.surd[idx], "surd_mask": self.surd_mask[idx],
+        }
+
+    def head_counts(self, idx: list[int] | None = None) -> dict[str, int]:
+        """Labelled items per head (bentham: labelled elements) among the given samples."""
+        sel = slice(None) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+        return {
+            "emotion": int(self.emotion_mask[sel].sum()),
+            "bentham": int(self.bentham_mask[sel].sum()),
+            "regret": int(self.regret_mask[sel].sum()),
+            "surd": int(self.surd_mask[sel].sum()),
+        }
+
+
+def epoch_plan(lengths: torch.Tensor, effective_batch: int, seed: int, epoch: int,
+               group_steps: int) -> list[list[int]]:
+    """The optimizer steps of one epoch (lists of sample indices), a pure function of its inputs.
+
+    With `group_steps > 0`, each run of `group_steps` steps draws its samples from one chunk
+    sorted by length, so a step holds texts of similar length (little padding); the order of
+    the steps is then shuffled so lengths do not drift through the epoch.
+    """
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if group_steps > 0:
+        chunk = effective_batch * group_steps
+        parts = []
+        for s in range(0, n, chunk):
+            ids = perm[s:s + chunk]
+            parts.append(ids[torch.argsort(lengths[ids], descending=True, stable=True)])
+        perm = torch.cat(parts) if parts else perm
+    steps = [perm[s:s + effective_batch].tolist() for s in range(0, n, effective_batch)]
+    if group_steps > 0 and len(steps) > 1:
+        order = torch.randperm(len(steps), generator=g).tolist()
+        steps = [steps[i] for i in order]
+    return steps
+
+
+def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int) -> list[list[int]]:
+    """Cut one step into micro-batches of similar length (longest first)."""
+    order = sorted(step, key=lambda i: (-int(lengths[i]), i))
+    return [order[s:s + micro_batch] for s in range(0, len(order), micro_batch)]
+
+
+def shard(step: list[int], rank: int, world: int) -> list[int]:
+    """This rank's share of a step's samples (every rank gets a near-equal, disjoint part)."""
+    return step[rank::world]
+
+
+@dataclass
+class Batch:
+    index: torch.Tensor  # sample indices into the split
+    input_ids: torch.Tensor  # (B, L) padded token ids
+    keep: torch.Tensor  # (B, L) True for real tokens
+    padded: bool  # any padding at all (decided on the host)
+    targets: dict[str, torch.Tensor]
+    tokens: int  # real tokens in the batch
+
+
+def collate(data: TaskData, idx: list[int], pad_id: int) -> Batch:
+    index = torch.as_tensor(idx, dtype=torch.long)
+    lens = [len(data.token_ids[i]) for i in idx]
+    width = max(lens)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    keep = torch.zeros(len(idx), width, dtype=torch.bool)
+    for row, i in enumerate(idx):
+        t = data.token_ids[i]
+        ids[row, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        keep[row, : len(t)] = True
+    return Batch(index=index, input_ids=ids, keep=keep, padded=min(lens) != width,
+                 targets=data.targets(index), tokens=sum(lens))

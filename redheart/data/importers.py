@@ -1,0 +1,396 @@
+"""Importers: canonical JSONL, the earlier LLM-labelled Red Heart format, Scruples anecdotes
+and GoEmotions TSV (English or Korean), each into canonical records.
+
+The label recipes follow ../shared/data/README.md: a target a source does not give is
+missing (None), never a constant. Each bad line raises a `DataError` naming file, line and
+field, or, with `skip_bad=True`, is skipped and counted in the `LoadReport`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redheart.data.schema import (
+    BENTHAM, EMOTIONS, SURD, DataError, Record, bentham_vector, check_id, check_text,
+    detect_lang, distribution, unit_value,
+)
+
+FORMATS = ("canonical", "redheart", "scruples", "goemotions")
+
+# GoEmotions label name -> Red Heart emotion (neutral and unlisted names map to nothing).
+GOEMOTIONS_GROUPS = {
+    "joy": ("joy", "amusement", "excitement", "optimism", "pride", "relief", "love", "desire"),
+    "trust": ("admiration", "approval", "caring", "gratitude"),
+    "fear": ("fear", "nervousness"),
+    "surprise": ("surprise", "realization", "confusion", "curiosity"),
+    "sadness": ("sadness", "disappointment", "grief", "embarrassment", "remorse"),
+    "disgust": ("disgust",),
+    "anger": ("anger", "annoyance", "disapproval"),
+}
+GOEMOTIONS_LABELS = (
+    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion", "curiosity",
+    "desire", "disappointment", "disapproval", "disgust", "embarrassment", "excitement", "fear",
+    "gratitude", "grief", "joy", "love", "nervousness", "optimism", "pride", "realization", "relief",
+    "remorse", "sadness", "surprise", "neutral",
+)
+_GOEMO_TO_CLASS = {name: EMOTIONS.index(cls) for cls, names in GOEMOTIONS_GROUPS.items() for name in names}
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str
+    lines: int = 0
+    records: int = 0
+    skipped: int = 0
+    no_target: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadReport:
+    files: list[FileReport] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+    @property
+    def skipped(self) -> int:
+        return sum(f.skipped for f in self.files)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading lines
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line without its newline); decoding and gzip errors name the line."""
+    n = 0
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, start=1):
+                yield n, line.rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), n + 1, None, f"not UTF-8 text ({exc.reason})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(str(path), n + 1, None, f"unreadable or truncated file ({exc})") from None
+
+
+def _json_line(line: str, where: tuple[str, int]) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(*where, None, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(*where, None, "malformed JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _stable_id(prefix: str, text: str) -> str:
+    return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------
+# Per-format record parsers: (object, where) -> Record
+
+
+def parse_canonical(obj: dict[str, Any], where: tuple[str, int]) -> Record:
+    known = {"id", "text", "emotion", "bentham", "regret", "surd", "source"}
+    unknown = set(obj) - known
+    if unknown:
+        raise DataError(*where, None, f"unknown fields {sorted(unknown)} (canonical fields: {sorted(known)})")
+    if "text" not in obj:
+        raise DataError(*where, "text", "missing")
+    text = check_text(obj["text"], where)
+    rid = check_id(obj["id"], where) if "id" in obj else _stable_id("rec", text)
+    emo = obj.get("emotion")
+    ben = obj.get("bentham")
+    reg = obj.get("regret")
+    surd = obj.get("surd")
+    source = obj.get("source", "")
+    if not isinstance(source, str):
+        raise DataError(*where, "source", f"expected a string, got {source!r}")
+    return Record(
+        id=rid, text=text,
+        emotion=None if emo is None else distribution(emo, EMOTIONS, "emotion", where),
+        bentham=None if ben is None else bentham_vector(ben, "bentham", where),
+        regret=None if reg is None else unit_value(reg, "regret", where),
+        surd=None if surd is None else distribution(surd, SURD, "surd", where),
+        source=source or "canonical", lang=detect_lang(text),
+    )
+
+
+def parse_redheart(obj: dict[str, Any], where: tuple[str, int]) -> Record:
+    """The earlier LLM-labelled Red Heart datasets: `emotions` as 7 floats in the order
+    [Joy, Trust, Fear, Surprise, Sadness, Disgust, Anger] (scores, normalised to shares),
+    `bentham_scores` with any subset of the 10 keys, `regret_factor`, optional `surd`."""
+    text_key = next((k for k in ("text", "situation", "content", "input") if k in obj), None)
+    if text_key is None:
+        raise DataError(*where, "text", "missing (looked for text, situation, content, input)")
+    text = check_text(obj[text_key], where, text_key)
+    rid = check_id(obj["id"], where) if "id" in obj else _stable_id("rh", text)
+    emo = obj.get("emotions")
+    ben = obj.get("bentham_scores")
+    reg = obj.get("regret_factor")
+    surd = obj.get("surd")
+    if isinstance(emo, dict):
+        emo = {str(k).strip().lower(): v for k, v in emo.items()}
+    for name, val in (("emotions", emo), ("bentham_scores", ben)):
+        if val is not None and not isinstance(val, (list, tuple, dict)):
+            raise DataError(*where, name, f"expected a list or mapping, got {type(val).__name__}")
+    return Record(
+        id=rid, text=text,
+        emotion=None if emo is None else distribution(emo, EMOTIONS, "emotions", where, normalise_any_sum=True),
+        bentham=None if ben is None else bentham_vector(ben, "bentham_scores", where),
+        regret=None if reg is None else unit_value(reg, "regret_factor", where),
+        surd=None if surd is None else distribution(surd, SURD, "surd", where),
+        source=str(obj.get("source") or "redheart-llm"), lang=detect_lang(text),
+    )
+
+
+def parse_scruples(obj: dict[str, Any], where: tuple[str, int]) -> Record:
+    """Scruples anecdote: regret = (AUTHOR + EVERYBODY) / t, bentham.certainty = max / t,
+    with t the non-INFO votes; every other target missing."""
+    for key in ("id", "title", "text", "label_scores"):
+        if key not in obj:
+            raise DataError(*where, key, "missing (Scruples anecdote)")
+    rid = check_id(obj["id"], where)
+    title = obj["title"]
+    if not isinstance(title, str):
+        raise DataError(*where, "title", f"expected a string, got {type(title).__name__}")
+    text = check_text(f"{title}\n{obj['text']}" if isinstance(obj["text"], str) else obj["text"], where)
+    scores = obj["label_scores"]
+    if not isinstance(scores, dict):
+        raise DataError(*where, "label_scores", f"expected a mapping, got {type(scores).__name__}")
+    votes = {}
+    for k in ("AUTHOR", "OTHER", "EVERYBODY", "NOBODY"):
+        v = scores.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DataError(*where, f"label_scores.{k}", f"expected a vote count >= 0, got {v!r}")
+        votes[k] = v
+    t = sum(votes.values())
+    if t == 0:
+        raise DataError(*where, "label_scores", "no AUTHOR/OTHER/EVERYBODY/NOBODY votes")
+    bentham: list[float | None] = [None] * len(BENTHAM)
+    bentham[BENTHAM.index("certainty")] = max(votes.values()) / t
+    return Record(
+        id=f"scruples-{rid}", text=text, bentham=bentham,
+        regret=(votes["AUTHOR"] + votes["EVERYBODY"]) / t, source="scruples", lang=detect_lang(text),
+    )
+
+
+def goemotions_target(label_field: str, where: tuple[str, int]) -> list[float] | None:
+    """Comma-separated GoEmotions label ids -> a soft 7-class distribution (None if only neutral)."""
+    ids = [s.strip() for s in label_field.split(",") if s.strip()]
+    if not ids:
+        raise DataError(*where, "labels", "no label ids")
+    counts = [0.0] * len(EMOTIONS)
+    for s in ids:
+        if not s.isdigit() or int(s) >= len(GOEMOTIONS_LABELS):
+            raise DataError(*where, "labels", f"unknown GoEmotions label id {s!r} (0-{len(GOEMOTIONS_LABELS) - 1})")
+        name = GOEMOTIONS_LABELS[int(s)]
+        if name in _GOEMO_TO_CLASS:
+            counts[_GOEMO_TO_CLASS[name]] += 1.0
+    total = sum(counts)
+    return None if total == 0 else [c / total for c in counts]
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _jsonl_records(path: Path, parse: Callable, report: FileReport, skip_bad: bool) -> Iterator[Record]:
+    for n, line in iter_lines(path):
+        report.lines = n
+        if not line.strip():
+            continue
+        where = (str(path), n)
+        try:
+            rec = parse(_json_line(line, where), where)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            _count_skip(report, err)
+            continue
+        yield rec
+
+
+def _count_skip(report: FileReport, err: DataError) -> None:
+    report.skipped += 1
+    report.reasons[f"{err.field or 'line'}: {err.message.split(' (')[0]}"] += 1
+    if len(report.first_errors) < 5:
+        report.first_errors.append(str(err))
+
+
+def _english_ids(ko_path: Path) -> list[str] | None:
+    """Comment ids of the line-aligned English file beside a Korean GoEmotions file, if any."""
+    en = ko_path.with_name(ko_path.name.replace("_ko_", "_en_"))
+    if en == ko_path or not en.is_file():
+        return None
+    ids = []
+    for _, line in iter_lines(en):
+        parts = line.split("\t")
+        ids.append(parts[2] if len(parts) >= 3 else "")
+    return ids
+
+
+def _goemotions_records(path: Path, report: FileReport, skip_bad: bool) -> Iterator[Record]:
+    en_ids = _english_ids(path) if "_ko_" in path.name else None
+    stem = path.name.split(".")[0]
+    for n, line in iter_lines(path):
+        report.lines = n
+        if not line.strip():
+            continue
+        where = (str(path), n)
+        try:
+            parts = line.split("\t")
+            if len(parts) not in (2, 3):
+                raise DataError(*where, None, f"expected 2 or 3 tab-separated columns (text, labels[, id]), got {len(parts)}")
+            text = check_text(parts[0], where)
+            emotion = goemotions_target(parts[1], where)
+            lang = detect_lang(text)
+            if len(parts) == 3 and parts[2].strip():
+                rid = f"goemotions-{parts[2].strip()}"
+            elif en_ids is not None and n <= len(en_ids) and en_ids[n - 1]:
+                rid = f"goemotions-{en_ids[n - 1]}"
+            else:
+                rid = f"goemotions-{stem}-{n}"
+            if lang != "en":
+                rid += f"#{lang}"  # a translation: same split as its original (see split.split_key)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            _count_skip(report, err)
+            continue
+        yield Record(id=rid, text=text, emotion=emotion, source=f"goemotions-{lang}", lang=lang)
+
+
+def detect_format(path: Path) -> str:
+    """The format of a data file from its name and its first non-empty line."""
+    name = path.name.lower()
+    if name.endswith((".tsv", ".tsv.gz")):
+        return "goemotions"
+    if not name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        raise DataError(str(path), None, None,
+                        "unknown file type (expected .jsonl, .json or .tsv, optionally .gz; "
+                        "or name the format as FORMAT:PATH)")
+    for n, line in iter_lines(path):
+        if not line.strip():
+            continue
+        if name.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
+            return "redheart"
+        obj = _json_line(line, (str(path), n))
+        if "label_scores" in obj and "title" in obj:
+            return "scruples"
+        if "actions" in obj and "gold_annotations" in obj:
+            raise DataError(str(path), n, None,
+                            "Scruples dilemmas are an evaluation set, not training data for the heads")
+        if any(k in obj for k in ("emotions", "bentham_scores", "regret_factor")):
+            return "redheart"
+        return "canonical"
+    raise DataError(str(path), None, None, "empty file: no records")
+
+
+def _json_array_records(path: Path, report: FileReport, skip_bad: bool) -> Iterator[Record]:
+    """A legacy Red Heart dataset saved as one JSON array (errors name the item's index)."""
+    try:
+        with _open_text(path) as f:
+            items = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), exc.lineno, None, f"malformed JSON ({exc.msg})") from None
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(str(path), None, None, f"unreadable file ({exc})") from None
+    if not isinstance(items, list):
+        raise DataError(str(path), None, None, "expected a JSON array of records")
+    report.lines = len(items)
+    for i, obj in enumerate(items):
+        where = (f"{path} item", i)
+        try:
+            if not isinstance(obj, dict):
+                raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
+            yield parse_redheart(obj, where)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            _count_skip(report, err)
+
+
+def load_file(path: Path, fmt: str | None, skip_bad: bool, report: FileReport) -> list[Record]:
+    fmt = fmt or detect_format(path)
+    report.format = fmt
+    if fmt == "goemotions":
+        it = _goemotions_records(path, report, skip_bad)
+    elif fmt == "redheart" and path.name.lower().endswith((".json", ".json.gz")):
+        it = _json_array_records(path, report, skip_bad)
+    elif fmt in ("canonical", "redheart", "scruples"):
+        parse = {"canonical": parse_canonical, "redheart": parse_redheart, "scruples": parse_scruples}[fmt]
+        it = _jsonl_records(path, parse, report, skip_bad)
+    else:
+        raise DataError(str(path), None, None, f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    out = []
+    for rec in it:
+        if not rec.has_target:
+            report.no_target += 1
+            continue
+        out.append(rec)
+    report.records = len(out)
+    if not out and report.skipped == 0 and report.no_target == 0:
+        raise DataError(str(path), None, None, "empty file: no records")
+    return out
+
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".tsv", ".tsv.gz")
+
+
+def expand_spec(spec: str) -> list[tuple[Path, str | None]]:
+    """`PATH`, `FORMAT:PATH` or a folder (its data files, sorted) -> [(file, format or None)]."""
+    fmt = None
+    head, sep, tail = spec.partition(":")
+    if sep and head in FORMATS:
+        fmt, spec = head, tail
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
+        files = [p for p in files if "dilemmas" not in p.name]  # evaluation set, not training data
+        if not files:
+            raise DataError(str(path), None, None, f"folder holds no data files ({', '.join(DATA_SUFFIXES)})")
+        return [(p, fmt) for p in files]
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file or folder")
+    return [(path, fmt)]
+
+
+def load_records(specs: list[str], skip_bad: bool = False) -> tuple[list[Record], LoadReport]:
+    """All records of the given data specs, de-duplicated by id (first one kept)."""
+    report = LoadReport()
+    seen: set[str] = set()
+    records: list[Record] = []
+    for spec in specs:
+        for path, fmt in expand_spec(spec):
+            fr = FileReport(path=str(path), format=fmt or "?")
+            report.files.append(fr)
+            for rec in load_file(path, fmt, skip_bad, fr):
+                if rec.id in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(rec.id)
+                records.append(rec)
+    return records, report

@@ -1,0 +1,130 @@
+"""The canonical record and its validation.
+
+A record carries the text and up to four targets; a target that is missing is `None` (for
+bentham, per element), and it is masked out of losses and metrics, never filled with a value.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+EMOTIONS = ("joy", "trust", "fear", "surprise", "sadness", "disgust", "anger")
+BENTHAM = ("intensity", "duration", "certainty", "propinquity", "purity",
+           "extent", "fecundity", "remoteness", "succession", "utility")
+SURD = ("synergy", "unique", "redundant", "deterministic")
+
+MAX_TEXT_CHARS = 200_000  # a "text" longer than this is almost surely a broken record
+SUM_TOLERANCE = 0.02  # distributions must sum to 1 within this; they are then renormalised
+
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+
+
+class DataError(ValueError):
+    """A bad input record: names the file, the line and the field."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = path, line, field, message
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {field + ': ' if field else ''}{message}")
+
+
+@dataclass
+class Record:
+    id: str
+    text: str
+    emotion: list[float] | None = None  # 7 shares summing to 1, order EMOTIONS
+    bentham: list[float | None] | None = None  # 10 values in [0, 1] or None each, order BENTHAM
+    regret: float | None = None  # in [0, 1]
+    surd: list[float] | None = None  # 4 shares summing to 1, order SURD
+    source: str = ""
+    lang: str = "en"
+
+    @property
+    def has_target(self) -> bool:
+        return (self.emotion is not None or self.regret is not None or self.surd is not None
+                or (self.bentham is not None and any(v is not None for v in self.bentham)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "emotion": self.emotion, "bentham": self.bentham,
+                "regret": self.regret, "surd": self.surd, "source": self.source}
+
+
+def detect_lang(text: str) -> str:
+    return "ko" if _HANGUL.search(text) else "en"
+
+
+def _number(v: Any, field: str, where: tuple[str, int | None]) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataError(*where, field, f"expected a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise DataError(*where, field, f"not a finite number ({v!r})")
+    return f
+
+
+def unit_value(v: Any, field: str, where: tuple[str, int | None]) -> float:
+    f = _number(v, field, where)
+    if not 0.0 <= f <= 1.0:
+        raise DataError(*where, field, f"value {f:g} is outside [0, 1]")
+    return f
+
+
+def distribution(v: Any, names: tuple[str, ...], field: str, where: tuple[str, int | None],
+                 normalise_any_sum: bool = False) -> list[float]:
+    """A list (or name->value mapping) of non-negative shares summing to 1.
+
+    `normalise_any_sum` accepts any positive total (scores rather than shares) and divides by it.
+    """
+    if isinstance(v, dict):
+        unknown = set(v) - set(names)
+        if unknown:
+            raise DataError(*where, field, f"unknown keys {sorted(unknown)} (expected {list(names)})")
+        v = [v.get(n, 0.0) for n in names]
+    if not isinstance(v, (list, tuple)):
+        raise DataError(*where, field, f"expected a list of {len(names)} numbers, got {type(v).__name__}")
+    if len(v) != len(names):
+        raise DataError(*where, field, f"expected {len(names)} values ({', '.join(names)}), got {len(v)}")
+    vals = [_number(x, f"{field}[{i}]", where) for i, x in enumerate(v)]
+    if any(x < 0 for x in vals):
+        raise DataError(*where, field, f"negative share in {vals}")
+    total = sum(vals)
+    if total <= 0:
+        raise DataError(*where, field, "all values are zero: not a distribution")
+    if not normalise_any_sum and abs(total - 1.0) > SUM_TOLERANCE:
+        raise DataError(*where, field, f"shares sum to {total:.4f}, expected 1")
+    return [x / total for x in vals]
+
+
+def bentham_vector(v: Any, field: str, where: tuple[str, int | None]) -> list[float | None]:
+    """10 values in [0, 1], each may be null; or a mapping with any subset of the 10 names."""
+    if isinstance(v, dict):
+        keys = {str(k).strip().lower(): val for k, val in v.items()}
+        unknown = set(keys) - set(BENTHAM)
+        if unknown:
+            raise DataError(*where, field, f"unknown Bentham keys {sorted(unknown)} (expected {list(BENTHAM)})")
+        v = [keys.get(n) for n in BENTHAM]
+    if not isinstance(v, (list, tuple)):
+        raise DataError(*where, field, f"expected a list of 10 values or a mapping, got {type(v).__name__}")
+    if len(v) != len(BENTHAM):
+        raise DataError(*where, field, f"expected 10 values ({', '.join(BENTHAM)}), got {len(v)}")
+    return [None if x is None else unit_value(x, f"{field}.{BENTHAM[i]}", where) for i, x in enumerate(v)]
+
+
+def check_text(text: Any, where: tuple[str, int | None], field: str = "text") -> str:
+    if not isinstance(text, str):
+        raise DataError(*where, field, f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(*where, field, "empty text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataError(*where, field, f"text of {len(text)} characters is over the {MAX_TEXT_CHARS} limit")
+    if "\x00" in text:
+        raise DataError(*where, field, "text contains NUL characters")
+    return text
+
+
+def check_id(v: Any, where: tuple[str, int | None]) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or str(v).strip() == "":
+        raise DataError(*where, "id", f"expected a non-empty string, got {v!r}")
+    return str(v)

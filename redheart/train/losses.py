@@ -1,0 +1,66 @@
+"""Masked multi-task losses, label smoothing and the R-Drop consistency term, as pure functions.
+
+Every head's loss is a *sum* over its labelled items divided by a count given from outside:
+the number of labelled items in the whole optimizer step. The step's gradient is then the
+same however the step is cut into micro-batches (or shared between GPUs). A head with no
+labelled item in the step contributes nothing, so it receives no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from redheart.config import HEADS
+
+
+def smooth(target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Label smoothing of a soft target: (1 - e) * t + e / K."""
+    if smoothing == 0.0:
+        return target
+    return target * (1.0 - smoothing) + smoothing / target.shape[-1]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy against a soft target, from logits (never from probabilities)."""
+    return -(smooth(target, smoothing) * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def per_item_losses(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
+                    smoothing: float, smooth_surd: bool) -> dict[str, torch.Tensor]:
+    """Unreduced, masked losses: emotion/regret/surd per sample, bentham per element."""
+    return {
+        "emotion": soft_cross_entropy(out["emotion"], tgt["emotion"], smoothing) * tgt["emotion_mask"],
+        "bentham": (out["bentham"] - tgt["bentham"]).pow(2) * tgt["bentham_mask"],
+        "regret": (out["regret"] - tgt["regret"]).pow(2) * tgt["regret_mask"],
+        "surd": soft_cross_entropy(out["surd"], tgt["surd"], smoothing if smooth_surd else 0.0) * tgt["surd_mask"],
+    }
+
+
+def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts: dict[str, int],
+              weights: dict[str, float], smoothing: float = 0.0, smooth_surd: bool = True
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the head losses, each normalised by its labelled count in the step."""
+    items = per_item_losses(out, tgt, smoothing, smooth_surd)
+    parts = {h: items[h].sum() / counts[h] for h in HEADS if counts[h] > 0}
+    total = sum((weights[h] * parts[h] for h in parts), torch.zeros((), device=out["regret"].device))
+    return total, parts
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Per-sample 0.5 * (KL(p_a || p_b) + KL(p_b || p_a))."""
+    la, lb = F.log_softmax(logits_a.float(), -1), F.log_softmax(logits_b.float(), -1)
+    return 0.5 * ((la.exp() * (la - lb)).sum(-1) + (lb.exp() * (lb - la)).sum(-1))
+
+
+def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Tensor],
+                      tgt: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor:
+    """R-Drop's term between two dropout passes: symmetric KL for the distributions, MSE for
+    the regressions, masked and normalised like the task losses."""
+    items = {
+        "emotion": symmetric_kl(out_a["emotion"], out_b["emotion"]) * tgt["emotion_mask"],
+        "bentham": (out_a["bentham"] - out_b["bentham"]).pow(2) * tgt["bentham_mask"],
+        "regret": (out_a["regret"] - out_b["regret"]).pow(2) * tgt["regret_mask"],
+        "surd": symmetric_kl(out_a["surd"], out_b["surd"]) * tgt["surd_mask"],
+    }
+    return sum((items[h].sum() / counts[h] for h in HEADS if counts[h] > 0),
+               torch.zeros((), device=out_a["regret"].device))

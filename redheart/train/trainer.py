@@ -1,0 +1,473 @@
+"""The training loop. It reads top to bottom:
+
+    for each epoch: for each optimizer step of the epoch's plan:
+        forward/backward over the step's micro-batches -> clip -> AdamW -> schedule -> EMA
+    then: validate (raw and EMA) -> metrics record -> snapshot -> resume state -> prune
+
+Everything the loop needs to continue exactly is in `resume_state()`; `restore()` puts it back.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redheart.ckpt import io as ckio
+from redheart.ckpt.retention import select_deletions
+from redheart.ckpt.sweetspot import pinned_epochs
+from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
+from redheart.config import HEADS, Config
+from redheart.data.dataset import epoch_plan, micro_batches, shard
+from redheart.data.features import FeatureSource
+from redheart.data.pipeline import DataBundle
+from redheart.model.modules import count_parameters
+from redheart.model.network import RedHeartNet
+from redheart.train import memory
+from redheart.train.ema import EMA
+from redheart.train.losses import rdrop_consistency, task_loss
+from redheart.train.metrics import head_metrics
+from redheart.train.schedule import warmup_cosine
+
+log = logging.getLogger("redheart")
+
+
+class TrainingStopped(Exception):
+    """Training stopped before the end with a resumable state saved (signal, OOM, bad steps)."""
+
+    def __init__(self, reason: str, resume_path: str | None, code: int):
+        super().__init__(reason)
+        self.reason, self.resume_path, self.code = reason, resume_path, code
+
+
+@dataclass
+class StopFlag:
+    requested: bool = False
+    signal_name: str = ""
+
+
+@dataclass
+class StepStats:
+    """Loss components summed on the device over steps; read once per logging interval."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+                "samples": self.samples, "tokens": self.tokens}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any], device: torch.device) -> "StepStats":
+        return cls({k: torch.tensor(v, device=device) for k, v in s["sums"].items()},
+                   s["steps"], s["samples"], s["tokens"])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name}: no CUDA GPU is visible to PyTorch")
+    return dev
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it (or when asked); None = full fp32."""
+    p = cfg.train.precision
+    if p == "fp32":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if p == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms. Fused kernels on the GPU."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.train.betas), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int,
+                  dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Outputs for a whole split, in the split's order, on the CPU (model left in eval mode)."""
+    model.eval()
+    n = len(source.data)
+    order = sorted(range(n), key=lambda i: (-int(source.data.lengths[i]), i))
+    outs: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, n, batch_size):
+        idx = order[s:s + batch_size]
+        states, batch = source(idx)
+        with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(states, batch.keep.to(states.device, non_blocking=True), batch.padded)
+        for k, v in out.items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+    return {k: torch.cat(v)[inverse] for k, v in outs.items()}
+
+
+def evaluate(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: torch.dtype | None) -> dict[str, float]:
+    pred = predict_split(model, source, cfg.train.eval_batch, dtype)
+    return head_metrics(pred, source.data.targets(torch.arange(len(source.data))), cfg.train.head_weights)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, paths: RunPaths, data: DataBundle, features: dict[str, FeatureSource],
+                 device: torch.device, stop: StopFlag | None = None, faults: dict[str, Any] | None = None,
+                 tensorboard=None):
+        self.cfg, self.paths, self.data, self.features, self.device = cfg, paths, data, features, device
+        self.stop = stop or StopFlag()
+        self.faults = faults or {}
+        self.tb = tensorboard
+        self.dtype = amp_dtype(cfg, device)
+        self.train_data = data.splits["train"]
+        self.rank, self.world = 0, 1
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = RedHeartNet(cfg.model).to(device)
+        self.param_counts = count_parameters(self.model)
+        self.lr = cfg.train.lr
+        self.optimizer = build_optimizer(self.model, cfg, self.lr, device)
+        eff = cfg.effective_batch
+        self.steps_per_epoch = math.ceil(len(self.train_data) / eff)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, cfg.train.warmup_ratio,
+                                       cfg.train.min_lr_ratio)
+        self.ema = None
+        if cfg.tech.ema_decay > 0:
+            ema_dev = "cpu" if cfg.tech.ema_device == "cpu" else device
+            self.ema = EMA(self.model, cfg.tech.ema_decay, cfg.tech.ema_warmup, ema_dev)
+
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        self.global_step = 0
+        self.micro_batch = cfg.train.micro_batch
+        self.history: list[dict[str, Any]] = []
+        self.epoch_stats = StepStats()
+        self.bad_steps_in_row = 0
+        self.bad_steps_total = 0
+        self.oom_events: list[dict[str, Any]] = []
+        self.memory_samples: list[dict[str, float]] = []
+        self.sweep_result: dict[str, Any] | None = None
+        self.pins: set[str] = set()
+        self.finished = False
+        self._epoch_t0 = time.time()
+        torch.manual_seed(cfg.train.seed + 1)  # the dropout stream of training proper
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _forward_loss(self, states: torch.Tensor, batch, counts: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tech = self.cfg.tech
+        tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
+        keep = batch.keep.to(self.device, non_blocking=True)
+        weights = self.cfg.train.head_weights
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            if tech.rdrop_alpha > 0:
+                # R-Drop: one forward over the doubled batch = two passes with independent dropout.
+                b = states.shape[0]
+                out = self.model(torch.cat([states, states]), torch.cat([keep, keep]), batch.padded)
+                out_a = {k: v[:b] for k, v in out.items()}
+                out_b = {k: v[b:] for k, v in out.items()}
+                la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+                lb, pb = task_loss(out_b, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+                cons = rdrop_consistency(out_a, out_b, tgt, counts)
+                loss = 0.5 * (la + lb) + tech.rdrop_alpha * cons
+                parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
+                parts["rdrop"] = cons
+                parts["task"] = 0.5 * (la + lb)
+            else:
+                out = self.model(states, keep, batch.padded)
+                loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+                parts = dict(parts)
+                parts["task"] = loss
+        parts["loss"] = loss
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def accumulate(self, step: list[int]) -> dict[str, torch.Tensor]:
+        """Forward and backward over one optimizer step's samples (this rank's share), cut into
+        micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
+        counts = self.train_data.head_counts(step)
+        mine = shard(step, self.rank, self.world)
+        rng = capture_rng() if self.device.type == "cuda" or self.faults else None
+        attempt = 0
+        while True:
+            try:
+                parts_sum: dict[str, torch.Tensor] = {}
+                for mb in micro_batches(mine, self.train_data.lengths, self.micro_batch):
+                    if self.faults.get("oom_at_step") == self.global_step and attempt == 0:
+                        raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
+                    states, batch = self.features["train"](mb)
+                    loss, parts = self._forward_loss(states, batch, counts)
+                    loss.backward()
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
+                return parts_sum
+            except torch.OutOfMemoryError as exc:
+                attempt += 1
+                self._recover_from_oom(exc, attempt)
+                if rng is not None:
+                    restore_rng(rng)
+
+    def _recover_from_oom(self, exc: Exception, attempt: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = self.micro_batch
+        event = {"step": self.global_step, "epoch": self.epoch + 1, "attempt": attempt,
+                 "micro_batch_before": before, "error": str(exc).splitlines()[0][:200],
+                 "memory": memory.sample(self.device)}
+        if before > 1 and attempt <= self.cfg.memory.max_oom_retries:
+            self.micro_batch = max(1, before // 2)
+            event["action"] = f"retry with micro-batch {self.micro_batch} (accumulation x{before // self.micro_batch})"
+            event["micro_batch_after"] = self.micro_batch
+            self.oom_events.append(event)
+            log.warning("out of memory at step %d: %s", self.global_step, event["action"])
+            return
+        event["action"] = "stop"
+        event["micro_batch_after"] = before
+        self.oom_events.append(event)
+        path = self.save_resume_state()
+        raise TrainingStopped(
+            f"out of memory at step {self.global_step} with micro-batch {before}: nothing smaller fits. "
+            f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
+            f"--set memory.swap=on: --resume {path}", path, code=4)
+
+    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool:
+        """Clip, step (unless the gradient is not finite), schedule, EMA. Returns whether applied."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        finite = bool(torch.isfinite(norm) & torch.isfinite(parts["loss"]))  # the one sync per step
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.bad_steps_in_row = 0
+        else:
+            self.bad_steps_total += 1
+            self.bad_steps_in_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                        self.global_step, self.bad_steps_in_row, self.bad_steps_total)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["grad_norm"] = norm.detach().float()
+        return finite
+
+    # ------------------------------------------------------------------ epochs
+
+    def fit(self, progress=None) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        while self.epoch < cfg.train.epochs:
+            epoch = self.epoch + 1
+            plan = epoch_plan(self.train_data.lengths, cfg.effective_batch, cfg.train.seed, epoch,
+                              cfg.data.length_group_steps)
+            if self.step_in_epoch == 0:
+                self.epoch_stats = StepStats()
+                self._epoch_t0 = time.time()
+            bar = progress(epoch, len(plan), self.step_in_epoch) if progress else None
+            for i in range(self.step_in_epoch, len(plan)):
+                step = plan[i]
+                self.model.train()
+                parts = self.accumulate(step)
+                applied = self.optimizer_step(parts)
+                self.global_step += 1
+                self.step_in_epoch = i + 1
+                self.epoch_stats.add(parts)
+                self.epoch_stats.steps += 1
+                self.epoch_stats.samples += len(step)
+                self.epoch_stats.tokens += int(self.train_data.lengths[step].sum())
+                if cfg.memory.monitor:
+                    self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
+                if bar is not None:
+                    bar.step(self, parts, applied)
+                if self.bad_steps_in_row >= cfg.train.max_bad_steps:
+                    path = self.save_resume_state()
+                    raise TrainingStopped(f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite "
+                                          f"loss or gradient; the last good state is kept", path, code=5)
+                if self.stop.requested:
+                    path = self.save_resume_state()
+                    raise TrainingStopped(f"stopped by {self.stop.signal_name} after step {self.global_step} "
+                                          f"(epoch {epoch}, step {self.step_in_epoch}/{len(plan)})", path, code=75)
+            if bar is not None:
+                bar.close()
+            self.epoch = epoch
+            self.step_in_epoch = 0
+            self.end_of_epoch()
+        self.finished = True
+        self.save_resume_state()
+        return self.history
+
+    def end_of_epoch(self) -> dict[str, Any]:
+        cfg = self.cfg
+        seconds = time.time() - self._epoch_t0
+        train = self.epoch_stats.means()
+        val = evaluate(self.model, self.features["val"], cfg, self.dtype)
+        val_ema = None
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                val_ema = evaluate(self.model, self.features["val"], cfg, self.dtype)
+        record = {
+            "epoch": self.epoch, "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+            "micro_batch": self.micro_batch, "train": train, "val": val, "val_ema": val_ema,
+            "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
+            "tokens_per_s": self.epoch_stats.tokens / max(seconds, 1e-9),
+            "bad_steps": self.bad_steps_total, "memory": memory.sample(self.device),
+            "timestamp": iso_now(),
+        }
+        self.history.append(record)
+        self.write_metrics()
+        log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s | %.0fs", self.epoch,
+                 cfg.train.epochs, train.get("loss", float("nan")), val["loss"],
+                 f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"], seconds)
+        log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
+        if self.tb is not None:
+            self.tb.epoch(record)
+        if self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs:
+            self.save_snapshot(record)
+        self.save_resume_state()
+        return record
+
+    def write_metrics(self) -> None:
+        text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in self.history)
+        ckio.atomic_write_text(text, self.paths.metrics_file)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def snapshot_weights(self) -> dict[str, torch.Tensor]:
+        dtype = torch.bfloat16 if self.cfg.train.snapshot_dtype == "bf16" else torch.float32
+        if self.cfg.train.snapshot_weights == "ema" and self.ema is not None:
+            src = self.ema.weights()
+        else:
+            src = self.model.state_dict()
+        return {k: v.detach().to("cpu", dtype) for k, v in src.items()}
+
+    def save_snapshot(self, record: dict[str, Any]) -> str | None:
+        lr = record["lr"]
+        path = self.paths.snapshot_path(self.epoch, lr)
+        metrics = {"loss": record["val"]["loss"], "train_loss": record["train"].get("loss"),
+                   **{k: v for k, v in record["val"].items() if k != "loss"}}
+        if record["val_ema"]:
+            metrics["ema"] = record["val_ema"]
+        ckpt = {"kind": "snapshot", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
+                "epoch": self.epoch, "global_step": self.global_step, "lr": lr,
+                "weights": self.cfg.train.snapshot_weights, "model_state": self.snapshot_weights(),
+                "metrics": metrics, "config": self.cfg.to_dict(), "param_counts": self.param_counts}
+        try:
+            info = ckio.atomic_save(ckpt, path)
+        except ckio.CheckpointError as exc:
+            log.error("epoch %d snapshot not saved (training continues): %s", self.epoch, exc)
+            return None
+        entries = ckio.read_metadata(self.paths.checkpoints)
+        entries.append({"epoch": self.epoch, "lr": lr, "path": str(path), "file": path.name,
+                        "timestamp": iso_now(), "sha256": info["sha256"], "size_bytes": info["size"],
+                        "run_id": self.paths.run_id, "global_step": self.global_step,
+                        "weights": self.cfg.train.snapshot_weights, "metrics": metrics})
+        self.prune(entries)
+        log.info("saved %s (%.1f MiB)", path.name, info["size"] / 2**20)
+        return str(path)
+
+    def prune(self, entries: list[dict[str, Any]]) -> None:
+        """Apply the retention limit to the epoch snapshots, never touching pinned ones."""
+        own = [e for e in entries if e.get("run_id") == self.paths.run_id]
+        keep_epochs = pinned_epochs(self.history, self.cfg)
+        self.pins = {e["path"] for e in own if e["epoch"] in keep_epochs}
+        doomed = set(select_deletions(entries, self.cfg.train.keep_checkpoints, self.pins))
+        if len(self.pins) > self.cfg.train.keep_checkpoints:
+            log.warning("%d snapshots are pinned by Sweet Spot, more than keep_checkpoints=%d: all kept",
+                        len(self.pins), self.cfg.train.keep_checkpoints)
+        for p in doomed:
+            try:
+                Path(p).unlink(missing_ok=True)
+                log.info("retention: deleted %s", p)
+            except OSError as exc:
+                log.warning("retention: could not delete %s: %s", p, exc)
+        ckio.write_metadata(self.paths.checkpoints, [e for e in entries if e["path"] not in doomed])
+
+    def resume_state(self) -> dict[str, Any]:
+        return {
+            "kind": "resume", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
+            "config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "micro_batch": self.micro_batch, "lr": self.lr,
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": capture_rng(), "history": self.history, "epoch_stats": self.epoch_stats.state(),
+            "bad_steps_total": self.bad_steps_total, "bad_steps_in_row": self.bad_steps_in_row,
+            "oom_events": self.oom_events, "sweep": self.sweep_result, "finished": self.finished,
+            "param_counts": self.param_counts,
+        }
+
+    def save_resume_state(self) -> str | None:
+        path = self.paths.resume_path(self.global_step)
+        try:
+            info = ckio.atomic_save(self.resume_state(), path)
+        except ckio.CheckpointError as exc:
+            log.error("resume state not saved (the previous one is kept): %s", exc)
+            return None
+        entries = [e for e in read_registry(self.paths.root) if e["path"] != str(path)]
+        entries.append({"path": str(path), "sha256": info["sha256"], "size_bytes": info["size"],
+                        "run_id": self.paths.run_id, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                        "global_step": self.global_step, "finished": self.finished, "timestamp": iso_now()})
+        keep = self.cfg.train.resume_states_kept
+        old, entries = entries[:-keep], entries[-keep:]
+        write_registry(self.paths.root, entries)
+        for e in old:
+            Path(e["path"]).unlink(missing_ok=True)
+        return str(path)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly from a resume state."""
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ckio.CheckpointError("the resume state has no EMA but the config has tech.ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.micro_batch = int(state["micro_batch"])
+        self.lr = float(state["lr"])
+        self.history = list(state["history"])
+        self.epoch_stats = StepStats.from_state(state["epoch_stats"], self.device)
+        self.bad_steps_total = int(state["bad_steps_total"])
+        self.bad_steps_in_row = int(state["bad_steps_in_row"])
+        self.oom_events = list(state["oom_events"])
+        self.sweep_result = state.get("sweep")
+        self.finished = bool(state["finished"])
+        restore_rng(state["rng"])
+        self._epoch_t0 = time.time()
+
+    def set_lr(self, lr: float) -> None:
+        """Use a new peak LR (the sweep's choice) before training starts."""
+        self.lr = lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+            g.pop("initial_lr", None)
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, self.cfg.train.warmup_ratio,
+                                       self.cfg.train.min_lr_ratio)
