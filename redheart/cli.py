@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from redheart.config import PRESETS, Config, ConfigError, build_config, preset
+from redheart.config import PRESETS, Config, ConfigError, build_config
 
 log = logging.getLogger("redheart")
 
@@ -130,12 +130,27 @@ def choose_preset(args, mode: str) -> str:
     return "730m"
 
 
+def test_faults() -> dict[str, Any]:
+    """Failures injected by the test suite (REDHEART_FAULTS='{"oom_at_step": 3}'); empty otherwise."""
+    raw = os.environ.get("REDHEART_FAULTS", "")
+    if not raw:
+        return {}
+    try:
+        faults = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigError(f"REDHEART_FAULTS: not valid JSON: {raw!r}") from None
+    if not isinstance(faults, dict):
+        raise ConfigError("REDHEART_FAULTS: expected a JSON object")
+    return faults
+
+
 def cmd_train(args, mode: str) -> int:
     from redheart.run import RunOptions, train
 
     cfg = make_config(args, mode, choose_preset(args, mode))
     opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given=args.epochs is not None,
-                      debug=args.debug, verbose=args.verbose, analysis=mode != "train-local")
+                      debug=args.debug, verbose=args.verbose, analysis=mode != "train-local",
+                      faults=test_faults())
     return train(cfg, opts)
 
 

@@ -55,7 +55,8 @@ def select_lr(points: list[dict[str, Any]], start_loss: float, last: int) -> dic
 
 
 def refine_grid(lrs: list[float], winner: float) -> list[float]:
-    """Three rates around the winner: the geometric midpoints to its neighbours, and itself."""
+    """Two new rates around the winner (which was already run): the geometric midpoints to its
+    neighbours; at an end of the grid, half a grid step beyond it."""
     s = sorted(lrs)
     i = s.index(winner)
     lo = math.sqrt(s[i - 1] * winner) if i > 0 else winner / math.sqrt(s[1] / s[0])

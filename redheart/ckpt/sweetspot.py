@@ -7,7 +7,8 @@ The rule, made to resist noise:
 3. The plateau: candidates whose smoothed value lies within `tolerance` (relative) of the best;
    the sweet spot is the earliest of them (later epochs bring nothing measurable).
 4. A Mann-Kendall trend test (Kendall's tau of the curve's last half against time, from
-   scipy) says whether the metric was still improving when training ended.
+   scipy) says whether the metric was still improving when training ended; if it was, the
+   best smoothed epoch is the sweet spot instead of the plateau's start.
 Confidence in [0, 1] = depth / (depth + 2 * noise), where depth is how far the best smoothed
 value lies below the curve's median and noise is the robust spread of the raw values around
 the smoothed curve; halved when the metric was still improving at the end.
@@ -32,11 +33,19 @@ def _running(values: np.ndarray, window: int, fn) -> np.ndarray:
     return out
 
 
+def _upper_median(w: np.ndarray) -> float:
+    """The median, and for an even count (a window cut short at either end) the worse (higher)
+    of the two middle values: a plain median of two is their mean, which let a one-epoch spike
+    at the first or last epoch win by half its depth."""
+    return float(np.sort(w)[len(w) // 2])
+
+
 def smooth_curve(values: list[float], window: int) -> np.ndarray:
+    """Smoothed curve of values where lower is better (callers flip the sign otherwise)."""
     y = np.asarray(values, dtype=float)
     if window <= 1 or len(y) < 3:
         return y.copy()
-    return _running(_running(y, window, np.median), window, np.mean)
+    return _running(_running(y, window, _upper_median), window, np.mean)
 
 
 def find_sweet_spot(epochs: list[int], values: list[float], candidates: set[int] | None = None,
@@ -62,13 +71,16 @@ def find_sweet_spot(epochs: list[int], values: list[float], candidates: set[int]
     best = ys[best_i]
     margin = tolerance * max(abs(best), 1e-12)
     plateau = [i for i in cand if ys[i] <= best + margin]
-    chosen = plateau[0]
 
     still_improving = False
     tail = y[len(y) // 2:]
     if len(tail) >= 4:
         tau, p = stats.kendalltau(np.arange(len(tail)), tail)
         still_improving = bool(tau < 0 and p < trend_alpha)
+    # The plateau rule assumes later epochs bring nothing measurable; a significant downward
+    # trend at the end says they do (a slow steady improvement stays within `tolerance` from
+    # one epoch to the next), so then the best smoothed epoch itself is taken.
+    chosen = best_i if still_improving else plateau[0]
 
     noise = 1.4826 * float(np.median(np.abs(y - ys))) if len(y) >= 3 else 0.0
     depth = float(np.median(ys) - best)

@@ -75,21 +75,35 @@ class LoadReport:
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _iter_lines_or_errors(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """(line number from 1, line without its newline, or the DataError of a line that is not
+    UTF-8). Lines end at "\n" only, and each line is decoded on its own, so that a decoding
+    error names its own line; gzip and read errors (a truncated file) raise a DataError."""
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for n, raw in enumerate(f, start=1):
+                raw = raw.rstrip(b"\r\n")
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield n, DataError(str(path), n, None, f"not UTF-8 text ({exc.reason})")
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(str(path), n + 1, None, f"unreadable or truncated file ({exc})") from None
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, line without its newline); decoding and gzip errors name the line."""
-    n = 0
-    try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, start=1):
-                yield n, line.rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(str(path), n + 1, None, f"not UTF-8 text ({exc.reason})") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(str(path), n + 1, None, f"unreadable or truncated file ({exc})") from None
+    for n, line in _iter_lines_or_errors(path):
+        if isinstance(line, DataError):
+            raise line
+        yield n, line
 
 
 def _json_line(line: str, where: tuple[str, int]) -> dict[str, Any]:
@@ -99,6 +113,8 @@ def _json_line(line: str, where: tuple[str, int]) -> dict[str, Any]:
         raise DataError(*where, None, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise DataError(*where, None, "malformed JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DataError(*where, None, f"malformed JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -182,7 +198,9 @@ def parse_scruples(obj: dict[str, Any], where: tuple[str, int]) -> Record:
         raise DataError(*where, "label_scores", f"expected a mapping, got {type(scores).__name__}")
     votes = {}
     for k in ("AUTHOR", "OTHER", "EVERYBODY", "NOBODY"):
-        v = scores.get(k, 0)
+        if k not in scores:
+            raise DataError(*where, f"label_scores.{k}", "missing vote count")
+        v = scores[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise DataError(*where, f"label_scores.{k}", f"expected a vote count >= 0, got {v!r}")
         votes[k] = v
@@ -204,7 +222,7 @@ def goemotions_target(label_field: str, where: tuple[str, int]) -> list[float] |
         raise DataError(*where, "labels", "no label ids")
     counts = [0.0] * len(EMOTIONS)
     for s in ids:
-        if not s.isdigit() or int(s) >= len(GOEMOTIONS_LABELS):
+        if not (s.isascii() and s.isdigit()) or len(s) > 3 or int(s) >= len(GOEMOTIONS_LABELS):
             raise DataError(*where, "labels", f"unknown GoEmotions label id {s!r} (0-{len(GOEMOTIONS_LABELS) - 1})")
         name = GOEMOTIONS_LABELS[int(s)]
         if name in _GOEMO_TO_CLASS:
@@ -218,12 +236,14 @@ def goemotions_target(label_field: str, where: tuple[str, int]) -> list[float] |
 
 
 def _jsonl_records(path: Path, parse: Callable, report: FileReport, skip_bad: bool) -> Iterator[Record]:
-    for n, line in iter_lines(path):
+    for n, line in _iter_lines_or_errors(path):
         report.lines = n
-        if not line.strip():
+        if isinstance(line, str) and not line.strip():
             continue
         where = (str(path), n)
         try:
+            if isinstance(line, DataError):
+                raise line
             rec = parse(_json_line(line, where), where)
         except DataError as err:
             if not skip_bad:
@@ -254,33 +274,39 @@ def _english_ids(ko_path: Path) -> list[str] | None:
 
 def _goemotions_records(path: Path, report: FileReport, skip_bad: bool) -> Iterator[Record]:
     en_ids = _english_ids(path) if "_ko_" in path.name else None
+    # A file named as Korean (English) holds translations (originals) whatever the script of
+    # one text: a Korean line left in Latin letters must not take its English original's id.
+    file_lang = "ko" if "_ko_" in path.name else "en" if "_en_" in path.name else None
     stem = path.name.split(".")[0]
-    for n, line in iter_lines(path):
+    for n, line in _iter_lines_or_errors(path):
         report.lines = n
-        if not line.strip():
+        if isinstance(line, str) and not line.strip():
             continue
         where = (str(path), n)
         try:
+            if isinstance(line, DataError):
+                raise line
             parts = line.split("\t")
             if len(parts) not in (2, 3):
                 raise DataError(*where, None, f"expected 2 or 3 tab-separated columns (text, labels[, id]), got {len(parts)}")
             text = check_text(parts[0], where)
             emotion = goemotions_target(parts[1], where)
             lang = detect_lang(text)
+            tag = file_lang or lang
             if len(parts) == 3 and parts[2].strip():
                 rid = f"goemotions-{parts[2].strip()}"
             elif en_ids is not None and n <= len(en_ids) and en_ids[n - 1]:
                 rid = f"goemotions-{en_ids[n - 1]}"
             else:
                 rid = f"goemotions-{stem}-{n}"
-            if lang != "en":
-                rid += f"#{lang}"  # a translation: same split as its original (see split.split_key)
+            if tag != "en":
+                rid += f"#{tag}"  # a translation: same split as its original (see dataset.split_key)
         except DataError as err:
             if not skip_bad:
                 raise
             _count_skip(report, err)
             continue
-        yield Record(id=rid, text=text, emotion=emotion, source=f"goemotions-{lang}", lang=lang)
+        yield Record(id=rid, text=text, emotion=emotion, source=f"goemotions-{tag}", lang=lang)
 
 
 def detect_format(path: Path) -> str:
@@ -292,12 +318,25 @@ def detect_format(path: Path) -> str:
         raise DataError(str(path), None, None,
                         "unknown file type (expected .jsonl, .json or .tsv, optionally .gz; "
                         "or name the format as FORMAT:PATH)")
-    for n, line in iter_lines(path):
-        if not line.strip():
+    first_error: DataError | None = None
+    looked = 0
+    for n, line in _iter_lines_or_errors(path):
+        if isinstance(line, str) and not line.strip():
             continue
-        if name.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
+        if isinstance(line, str) and name.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
             return "redheart"
-        obj = _json_line(line, (str(path), n))
+        # A bad line is passed over (it is reported, or skipped, when the file is loaded):
+        # the format is that of the first line that is a JSON object, among the first 100.
+        looked += 1
+        try:
+            if isinstance(line, DataError):
+                raise line
+            obj = _json_line(line, (str(path), n))
+        except DataError as err:
+            first_error = first_error or err
+            if looked >= 100:
+                raise first_error from None
+            continue
         if "label_scores" in obj and "title" in obj:
             return "scruples"
         if "actions" in obj and "gold_annotations" in obj:
@@ -306,6 +345,8 @@ def detect_format(path: Path) -> str:
         if any(k in obj for k in ("emotions", "bentham_scores", "regret_factor")):
             return "redheart"
         return "canonical"
+    if first_error is not None:
+        raise first_error
     raise DataError(str(path), None, None, "empty file: no records")
 
 
@@ -316,8 +357,12 @@ def _json_array_records(path: Path, report: FileReport, skip_bad: bool) -> Itera
             items = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(str(path), exc.lineno, None, f"malformed JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(str(path), None, None, "malformed JSON (nested too deeply)") from None
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
         raise DataError(str(path), None, None, f"unreadable file ({exc})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DataError(str(path), None, None, f"malformed JSON ({exc})") from None
     if not isinstance(items, list):
         raise DataError(str(path), None, None, "expected a JSON array of records")
     report.lines = len(items)

@@ -58,7 +58,10 @@ def detect_lang(text: str) -> str:
 def _number(v: Any, field: str, where: tuple[str, int | None]) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DataError(*where, field, f"expected a number, got {v!r}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an integer too large for a float
+        raise DataError(*where, field, "not a finite number (integer too large)") from None
     if not math.isfinite(f):
         raise DataError(*where, field, f"not a finite number ({v!r})")
     return f
@@ -90,6 +93,8 @@ def distribution(v: Any, names: tuple[str, ...], field: str, where: tuple[str, i
     if any(x < 0 for x in vals):
         raise DataError(*where, field, f"negative share in {vals}")
     total = sum(vals)
+    if not math.isfinite(total):
+        raise DataError(*where, field, "values too large: their sum is not a finite number")
     if total <= 0:
         raise DataError(*where, field, "all values are zero: not a distribution")
     if not normalise_any_sum and abs(total - 1.0) > SUM_TOLERANCE:
@@ -121,10 +126,22 @@ def check_text(text: Any, where: tuple[str, int | None], field: str = "text") ->
         raise DataError(*where, field, f"text of {len(text)} characters is over the {MAX_TEXT_CHARS} limit")
     if "\x00" in text:
         raise DataError(*where, field, "text contains NUL characters")
+    if not _encodable(text):
+        raise DataError(*where, field, "text contains unpaired surrogate characters (not valid Unicode)")
     return text
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_id(v: Any, where: tuple[str, int | None]) -> str:
     if isinstance(v, bool) or not isinstance(v, (str, int)) or str(v).strip() == "":
         raise DataError(*where, "id", f"expected a non-empty string, got {v!r}")
+    if isinstance(v, str) and not _encodable(v):
+        raise DataError(*where, "id", "contains unpaired surrogate characters (not valid Unicode)")
     return str(v)

@@ -309,6 +309,8 @@ class Trainer:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite "
                                           f"loss or gradient; the last good state is kept", path, code=5)
+                if self.faults.get("stop_at_step") == self.global_step:
+                    self.stop.requested, self.stop.signal_name = True, "a test's stop request"
                 if self.stop.requested:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"stopped by {self.stop.signal_name} after step {self.global_step} "

@@ -1,0 +1,64 @@
+"""Config presets, overrides from YAML and key=value, validation with clear messages."""
+import pytest
+
+from redheart.config import Config, ConfigError, build_config, parse_assignment, preset, set_value
+
+
+def test_overrides_from_yaml_then_set(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 0.0003\n  epochs: 7\ntech:\n  rdrop_alpha: 0\n")
+    cfg = build_config("tiny", [str(y)], ["train.epochs=9", "train.head_weights.surd=2"])
+    assert cfg.train.lr == 3e-4 and cfg.train.epochs == 9 and cfg.tech.rdrop_alpha == 0.0
+    assert cfg.train.head_weights == {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 2.0}
+
+
+def test_round_trip_through_a_dict():
+    cfg = build_config("730m", [], ["train.lr=2e-4", "data.paths=[a.jsonl, b.tsv]"])
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.data.paths == ["a.jsonl", "b.tsv"]
+
+
+@pytest.mark.parametrize("assignment, field", [
+    ("train.lr=-1", "train.lr"),
+    ("train.micro_batch=0", "train.micro_batch"),
+    ("model.heads=7", "model.heads"),
+    ("tech.ema_decay=1.5", "tech.ema_decay"),
+    ("train.precision=fp8", "train.precision"),
+    ("train.epochs=two", "train.epochs"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("data.train_frac=0.95", "data.val_frac"),
+    ("train.nonsense=1", "train.nonsense"),
+])
+def test_invalid_values_fail_at_load_naming_the_field(assignment, field):
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", [], [assignment])
+    assert field in str(err.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", [str(y)], [])
+    assert "bad.yaml" in str(err.value) and "line" in str(err.value)
+    with pytest.raises(ConfigError, match="no such file"):
+        build_config("tiny", [str(tmp_path / "missing.yaml")], [])
+
+
+def test_unknown_preset_and_bad_assignment():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("1b")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignment("train.lr")
+    cfg = preset("tiny")
+    with pytest.raises(ConfigError, match="expected true or false"):
+        set_value(cfg, "train.compile", "maybe")
+
+
+def test_guide_defaults_of_the_730m_preset():
+    cfg = preset("730m")
+    assert (cfg.train.micro_batch, cfg.train.grad_accum, cfg.effective_batch) == (2, 32, 64)
+    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 60 and cfg.train.keep_checkpoints == 30
+    assert (cfg.sweep.lr_min, cfg.sweep.lr_max, cfg.sweep.points) == (1e-5, 1e-2, 5)
+    assert (cfg.tech.label_smoothing, cfg.tech.rdrop_alpha, cfg.tech.ema_decay) == (0.1, 1.0, 0.999)

@@ -1,0 +1,63 @@
+"""A real 2-epoch run on the shipped sample data: the loss falls, and it leaves every output."""
+import json
+from pathlib import Path
+
+import torch
+
+from redheart.ckpt.state import read_registry
+from redheart.model.build import model_from_checkpoint
+from redheart.model.network import RedHeartNet
+
+from helpers import newest_state, run, tiny_config
+
+
+def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_path):
+    cfg = tiny_config(tmp_path, train__epochs=2, train__save_every=1)
+    assert run(cfg) == 0
+    state = newest_state(tmp_path)
+    hist = state["history"]
+    assert [r["epoch"] for r in hist] == [1, 2]
+    assert hist[1]["train"]["loss"] < hist[0]["train"]["loss"]
+    assert hist[1]["val"]["loss"] < hist[0]["val"]["loss"]
+    # validation ran on the validation split with every head's metrics, raw and EMA
+    for key in ("emotion_acc", "emotion_f1", "bentham_mae", "bentham_r", "regret_mae", "regret_r", "surd_mae"):
+        assert key in hist[-1]["val"] and key in hist[-1]["val_ema"]
+    assert hist[-1]["val"] != hist[-1]["val_ema"]
+
+    ck = tmp_path / "checkpoints_final"
+    meta = json.loads((ck / "metadata.json").read_text())
+    assert [m["epoch"] for m in meta] == [1, 2]
+    for m in meta:
+        assert Path(m["path"]).name.startswith(f"checkpoint_epoch_{m['epoch']:04d}_lr_")
+        assert set(m) >= {"epoch", "lr", "path", "timestamp", "sha256", "metrics", "size_bytes"}
+        assert isinstance(m["metrics"]["loss"], float)
+        loaded = torch.load(m["path"], weights_only=True)  # the guide's own loading code
+        net = RedHeartNet(cfg.model)
+        net.load_state_dict(loaded["model_state"])
+    assert (ck / "crossover_final.pth").is_file() and (ck / "crossover_final.safetensors").is_file()
+    assert len(read_registry(tmp_path)) <= cfg.train.resume_states_kept
+    logs = list((tmp_path / "logs").glob("training_*.log"))
+    assert len(logs) == 1 and "epoch 2/2" in logs[0].read_text()
+    assert list((tmp_path / "logs").glob("config_*.yaml"))
+    assert list((tmp_path / "sweet_spot_analysis").glob("sweet_spot_report_*.txt"))
+
+
+def test_any_checkpoint_rebuilds_a_model_that_predicts(tmp_path):
+    cfg = tiny_config(tmp_path, train__epochs=1, data__max_records=60)
+    assert run(cfg) == 0
+    for path in [*(tmp_path / "checkpoints_final").glob("*.pt"), tmp_path / "checkpoints_final" / "crossover_final.pth"]:
+        model, cfg2, _ = model_from_checkpoint(path)
+        out = model(torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool))
+        assert torch.allclose(torch.softmax(out["emotion"], -1).sum(-1), torch.ones(2))
+        assert cfg2.model == cfg.model
+
+
+def test_retention_keeps_at_most_30_snapshots_in_a_real_run(tmp_path):
+    cfg = tiny_config(tmp_path, train__epochs=33, train__save_every=1, data__max_records=60,
+                      train__micro_batch=16, train__grad_accum=2, tech__ema_decay=0.0, tech__rdrop_alpha=0.0)
+    assert run(cfg, analysis=False) == 0
+    files = sorted((tmp_path / "checkpoints_final").glob("checkpoint_epoch_*.pt"))
+    meta = json.loads((tmp_path / "checkpoints_final" / "metadata.json").read_text())
+    assert len(files) == len(meta) <= 30
+    assert {Path(m["path"]).name for m in meta} == {f.name for f in files}
+    assert max(m["epoch"] for m in meta) == 33  # the newest is never the one deleted
