@@ -46,7 +46,9 @@ class DataConfig:
     train_frac: float = 0.8  # split fractions, by a hash of the record id
     val_frac: float = 0.1  # the rest is the test split
     skip_bad_records: bool = False  # skip (and count) bad lines instead of stopping with an error
-    length_group_steps: int = 16  # sort this many optimizer steps' samples by length to cut padding (0 = off)
+    # Sort the samples of this many optimizer steps by length so a step holds similar lengths
+    # (less padding). Off by default: with mixed sources it makes each step one source's texts.
+    length_group_steps: int = 0
     encoder_cache: str = "auto"  # keep the frozen encoder's token states in memory: auto | on | off
     encoder_cache_gb: float = 4.0  # "auto" caches when the estimated cache is under this size
 

@@ -24,7 +24,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model, self.cfg, _ = model_from_checkpoint(checkpoint, self.device)
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
-        self.encoder = Encoder(self.cfg.model.encoder).to(self.device)
+        self.encoder = Encoder(self.cfg.model.encoder).to(self.device, torch.float32)
         self.batch_size = batch_size
 
     @torch.no_grad()

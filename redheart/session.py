@@ -32,9 +32,8 @@ def load_encoder(cfg: Config, device: torch.device) -> tuple[Tokenizer, Encoder]
     if encoder.dim != cfg.model.encoder_dim:
         raise EncoderError(f"encoder {cfg.model.encoder!r} gives {encoder.dim}-d token states but "
                            f"model.encoder_dim is {cfg.model.encoder_dim}: set --set model.encoder_dim={encoder.dim}")
-    encoder = encoder.to(device)
-    if device.type == "cuda":
-        encoder = encoder.to(torch.bfloat16)
+    # Frozen, so its precision is free to choose: bf16 on a GPU, fp32 on the CPU.
+    encoder = encoder.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return tokenizer, encoder
 
 

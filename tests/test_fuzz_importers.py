@@ -337,8 +337,29 @@ def test_character_mutations_of_valid_files(fuzz_dir, target, ops):
 def test_json_value_mutations_of_valid_records(fuzz_dir, target, data):
     name, fmt, kind = target
     text = data.draw(json_file_text(fmt, kind))
-    if data.draw(st.booleans()):
+    if data.draw(st.integers(0, 3)) == 0:
         text = apply_char_ops(text, data.draw(char_ops))
+    check_load(fuzz_dir / name, fmt, kind, _encode(text))
+
+
+@settings(FUZZ, max_examples=200)
+@given(target=st.sampled_from([t for t in TARGETS if t[2] != "tsv"]), data=st.data())
+def test_edge_value_in_each_slot_of_a_valid_record(fuzz_dir, target, data):
+    """One value of one valid record replaced by a value of its own kind from the edges
+    (a number by a huge, infinite, boolean or string one; a text by an empty or non-Unicode one;
+    a vector by a wrong, zero or overflowing one), between two valid records."""
+    name, fmt, kind = target
+    seeds = SEEDS[fmt]
+    obj = json.loads(json.dumps(data.draw(st.sampled_from(seeds))))
+    kinds = {"number": (_is_number, EDGE_NUMBERS),
+             "string": (lambda v: isinstance(v, str), EDGE_STRINGS),
+             "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTORS)}
+    want, edge = kinds[data.draw(st.sampled_from(sorted(kinds)))]
+    node, k = data.draw(st.sampled_from(_leaves(obj, want)))
+    node[k] = data.draw(edge)
+    objs = [seeds[0], obj, seeds[-1]]
+    ascii_ = data.draw(st.booleans())
+    text = _dump(objs, ascii_) if kind == "array" else "".join(_dump(o, ascii_) + "\n" for o in objs)
     check_load(fuzz_dir / name, fmt, kind, _encode(text))
 
 

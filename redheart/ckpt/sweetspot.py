@@ -10,7 +10,7 @@ The rule, made to resist noise:
    scipy) says whether the metric was still improving when training ended; if it was, the
    best smoothed epoch is the sweet spot instead of the plateau's start.
 Confidence in [0, 1] = depth / (depth + 2 * noise), where depth is how far the best smoothed
-value lies below the curve's median and noise is the robust spread of the raw values around
+value lies below the median of the epochs off its plateau and noise is the robust spread of the raw values around
 the smoothed curve; halved when the metric was still improving at the end.
 """
 from __future__ import annotations
@@ -83,7 +83,10 @@ def find_sweet_spot(epochs: list[int], values: list[float], candidates: set[int]
     chosen = best_i if still_improving else plateau[0]
 
     noise = 1.4826 * float(np.median(np.abs(y - ys))) if len(y) >= 3 else 0.0
-    depth = float(np.median(ys) - best)
+    # Depth: how far the best lies below the epochs that are not on its plateau (a curve that
+    # converges early and stays flat is still a clear result; a flat one from the start is not).
+    outside = [ys[i] for i in range(len(ys)) if ys[i] > best + margin]
+    depth = float(np.median(outside) - best) if outside else 0.0
     if len(y) < 3:
         confidence = 0.3 if len(y) == 2 and y[-1] != y[0] else 0.1
     else:

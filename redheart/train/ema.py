@@ -49,7 +49,7 @@ class EMA:
             raise KeyError(f"EMA state does not match the model: keys differ {sorted(missing)[:5]}")
         for t, n in zip(self.shadow, self.names):
             t.copy_(state["shadow"][n])
-        pass
+        self.num_updates = int(state["num_updates"])
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged weights as a (CPU) state dict of the trainable parameters."""

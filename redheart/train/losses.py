@@ -29,11 +29,16 @@ def per_item_losses(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
                     smoothing: float, smooth_surd: bool) -> dict[str, torch.Tensor]:
     """Unreduced, masked losses: emotion/regret/surd per sample, bentham per element."""
     return {
-        "emotion": soft_cross_entropy(out["emotion"], tgt["emotion"], smoothing) * tgt["emotion_mask"],
-        "bentham": (out["bentham"] - tgt["bentham"]).pow(2) * tgt["bentham_mask"],
-        "regret": (out["regret"] - tgt["regret"]).pow(2) * tgt["regret_mask"],
-        "surd": soft_cross_entropy(out["surd"], tgt["surd"], smoothing if smooth_surd else 0.0) * tgt["surd_mask"],
+        "emotion": masked(soft_cross_entropy(out["emotion"], tgt["emotion"], smoothing), tgt["emotion_mask"]),
+        "bentham": masked((out["bentham"] - tgt["bentham"]).pow(2), tgt["bentham_mask"]),
+        "regret": masked((out["regret"] - tgt["regret"]).pow(2), tgt["regret_mask"]),
+        "surd": masked(soft_cross_entropy(out["surd"], tgt["surd"], smoothing if smooth_surd else 0.0), tgt["surd_mask"]),
     }
+
+
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero where the mask is off, by selection (a non-finite value there cannot leak as NaN * 0)."""
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts: dict[str, int],
@@ -57,10 +62,10 @@ def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Ten
     """R-Drop's term between two dropout passes: symmetric KL for the distributions, MSE for
     the regressions, masked and normalised like the task losses."""
     items = {
-        "emotion": symmetric_kl(out_a["emotion"], out_b["emotion"]) * tgt["emotion_mask"],
-        "bentham": (out_a["bentham"] - out_b["bentham"]).pow(2) * tgt["bentham_mask"],
-        "regret": (out_a["regret"] - out_b["regret"]).pow(2) * tgt["regret_mask"],
-        "surd": symmetric_kl(out_a["surd"], out_b["surd"]) * tgt["surd_mask"],
+        "emotion": masked(symmetric_kl(out_a["emotion"], out_b["emotion"]), tgt["emotion_mask"]),
+        "bentham": masked((out_a["bentham"] - out_b["bentham"]).pow(2), tgt["bentham_mask"]),
+        "regret": masked((out_a["regret"] - out_b["regret"]).pow(2), tgt["regret_mask"]),
+        "surd": masked(symmetric_kl(out_a["surd"], out_b["surd"]), tgt["surd_mask"]),
     }
     return sum((items[h].sum() / counts[h] for h in HEADS if counts[h] > 0),
                torch.zeros((), device=out_a["regret"].device))

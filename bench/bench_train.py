@@ -1,0 +1,141 @@
+"""Training-step throughput of the Red Heart trainer on one GPU, on real text lengths.
+
+    python bench/bench_train.py --data scruples:PATH --data goemotions:PATH --records 2400 \
+        --variant guide:micro_batch=2,grad_accum=32 --variant fast:micro_batch=64,grad_accum=1 ...
+
+Each variant is `name:key=value,...` over train.* / tech.* / model.* fields (short names:
+micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs). For each it runs warm-up
+optimizer steps, then times `--steps` optimizer steps with the real Trainer (same code as
+training) and prints samples/s, real (non-padding) tokens/s, MFU against a bf16 matrix-product
+peak measured in the same run, peak memory and step time. Results go to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redheart.ckpt.state import RunPaths  # noqa: E402
+from redheart.config import preset, set_value  # noqa: E402
+from redheart.data.dataset import epoch_plan  # noqa: E402
+from redheart.session import build_session  # noqa: E402
+from redheart.train.flops import measure_peak_tflops, train_flops  # noqa: E402
+from redheart.train.trainer import Trainer  # noqa: E402
+
+SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
+         "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
+         "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
+         "length_group": "data.length_group_steps"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    pairs = {}
+    for item in filter(None, rest.split(",")):
+        k, v = item.split("=", 1)
+        pairs[SHORT.get(k, k)] = v
+    return name, pairs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="730m")
+    p.add_argument("--data", action="append", required=True)
+    p.add_argument("--records", type=int, default=2400)
+    p.add_argument("--variant", action="append", required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--memory-cap-gib", type=float, default=0, help="limit this process's GPU memory")
+    p.add_argument("--out", default="bench_train.json")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        print("no GPU: a smoke run of the benchmark code (the figures mean nothing here)")
+    peak = measure_peak_tflops(device) if device.type == "cuda" else float("nan")
+    print(f"measured bf16 matrix peak: {peak:.0f} TFLOP/s", flush=True)
+    base = preset(args.preset)
+    base.data.paths, base.data.max_records = args.data, args.records
+    base.train.device = device.type
+    session = build_session(base.validate())
+    lengths = session.data.splits["train"].lengths
+    print(f"train split: {len(lengths)} texts, mean {float(lengths.float().mean()):.0f} tokens, "
+          f"max {int(lengths.max())}", flush=True)
+    results = []
+    for spec in args.variant:
+        name, pairs = parse_variant(spec)
+        cfg = preset(args.preset)
+        cfg.data.paths, cfg.data.max_records, cfg.train.device = args.data, args.records, device.type
+        for k, v in pairs.items():
+            set_value(cfg, k, v)
+        cfg.validate()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.memory_cap_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+        trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
+        plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
+        steps = [plan[i % len(plan)] for i in range(args.warmup + args.steps)]
+        losses = []
+        try:
+            for i, step in enumerate(steps):
+                if i == args.warmup:
+                    sync(device)
+                    t0 = time.perf_counter()
+                trainer.model.train()
+                parts = trainer.accumulate(step)
+                trainer.optimizer_step(parts)
+                losses.append(parts["loss"])
+            sync(device)
+            seconds = time.perf_counter() - t0
+        except torch.OutOfMemoryError as exc:
+            print(f"{name}: out of memory: {str(exc).splitlines()[0]}", flush=True)
+            results.append({"name": name, "config": pairs, "oom": True})
+            del trainer
+            continue
+        timed = steps[args.warmup:]
+        samples = sum(len(s) for s in timed)
+        toks = sum(int(lengths[s].sum()) for s in timed)
+        rdrop = cfg.tech.rdrop_alpha > 0
+        flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, session.features["train"].cached is None)
+                    for s in timed)
+        r = {"name": name, "config": pairs, "samples_per_s": samples / seconds, "tokens_per_s": toks / seconds,
+             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
+             "step_s": seconds / len(timed),
+             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+             "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses]}
+        results.append(r)
+        print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB", flush=True)
+        del trainer
+    doc = {"peak_tflops": peak, "preset": args.preset, "records": args.records, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if r.get("oom"):
+            print(f"| {r['name']} | OOM | | | | |")
+        else:
+            print(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
+                  f"{r['step_s']:.2f} | {r['peak_gib']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
