@@ -179,6 +179,15 @@ def train(cfg: Config, opts: RunOptions) -> int:
         tb.close()
         return stopped.code
     _write_side_files(trainer, paths)
+    # Training is complete and saved; a signal from here on ends the process at once (every
+    # file is written atomically), and the analysis can be re-run with `redheart crossover`.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if stop.requested:
+        log.warning("stop requested after the last step: Sweet Spot and Crossover skipped "
+                    "(run them with: bash run_learning.sh crossover %s)", paths.root)
+        tb.close()
+        return 0
     report = None
     if opts.analysis and cfg.crossover.enabled:
         from redheart.analysis import run_crossover

@@ -3,6 +3,7 @@ valid records or raises a DataError, never any other exception, and (with skip_b
 non-empty line is accounted for: a record, a record without targets, or a counted skip."""
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -110,48 +111,58 @@ def _check_record(rec) -> None:
         assert isinstance(rec.regret, float) and 0 <= rec.regret <= 1
 
 
-def check_load(path, fmt: str, kind: str, data: bytes) -> None:
-    """Write `data` to `path`, load it every way: records or DataError, nothing else."""
+def check_load(path, fmt: str, kind: str, data: bytes, quick: bool = False) -> None:
+    """Write `data` to `path`, load it every way (format detected or named, with and without
+    skip_bad; `quick`: two of the four): records or DataError, nothing else."""
     path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
-    for spec in (str(path), f"{fmt}:{path}"):
-        for skip_bad in (False, True):
-            try:
-                records, report = load_records([spec], skip_bad=skip_bad)
-            except DataError as err:
-                assert str(err).startswith(str(path)) or "goemotions_en_dev.tsv" in str(err)
-                continue
-            # Anything else propagates and fails the test.
-            assert len({r.id for r in records}) == len(records)
-            for rec in records:
-                _check_record(rec)
-            fr = report.files[0]
-            if not skip_bad:
-                assert fr.skipped == 0
-            assert sum(fr.reasons.values()) == fr.skipped
-            if kind in ("jsonl", "tsv") and skip_bad:
-                assert fr.records + fr.no_target + fr.skipped == _nonblank_lines(data)
+    ways = [(str(path), True), (f"{fmt}:{path}", False)] if quick else [
+        (spec, skip_bad) for spec in (str(path), f"{fmt}:{path}") for skip_bad in (False, True)]
+    for spec, skip_bad in ways:
+        try:
+            records, report = load_records([spec], skip_bad=skip_bad)
+        except DataError as err:
+            assert str(err).startswith(str(path)) or "goemotions_en_dev.tsv" in str(err)
+            continue
+        # Anything else propagates and fails the test.
+        assert len({r.id for r in records}) == len(records)
+        for rec in records:
+            _check_record(rec)
+        fr = report.files[0]
+        if not skip_bad:
+            assert fr.skipped == 0
+        assert sum(fr.reasons.values()) == fr.skipped
+        if kind in ("jsonl", "tsv") and skip_bad:
+            assert fr.records + fr.no_target + fr.skipped == _nonblank_lines(data)
 
 
 # ---------------------------------------------------------------------------------------
 # Strategies
 
+# An integer of more digits than Python converts (json.dumps cannot write it): _dump puts it in.
+HUGE_INT = "<an integer of 5000 digits>"
 # Values chosen to reach the corners of the checks (overflow, NaN, huge sums, bad Unicode).
-EDGE_NUMBERS = st.sampled_from([
+EDGE_NUMBER_VALUES = [
     None, True, False, 0, 1, -1, 2, 7, 0.5, 1.5, -0.0, -1e-300, 5e-324, 1e308, -1e308, 10**400, -(10**400),
-    float("nan"), float("inf"), float("-inf"), "0.5", "", [], {}, [0.5],
-])
-EDGE_STRINGS = st.sampled_from([
+    float("nan"), float("inf"), float("-inf"), "0.5", "", [], {}, [0.5], HUGE_INT,
+]
+EDGE_STRING_VALUES = [
     "", " ", "\t\n", "\u0000", "a\u0000b", "\ud800", "x\udfff", "\udc80abc", "\ufeff", "한국어", "é", "[NAME]", 5, 1.5,
     None, True, ["a"], {"a": 1},
-])
-EDGE_VECTORS = st.one_of(
-    st.sampled_from([
+]
+EDGE_VECTOR_VALUES = [
         [0] * 7, [1e308] * 7, [1e308, 1e308, 0, 0, 0, 0, 0], [1] * 6, [1] * 8, [0.5] * 10, [None] * 10,
         [0.25] * 4, [1, -1, 0, 1], [0.5, 0.5, float("nan"), 0], {"joy": 1e308, "anger": 1e308},
         {"JOY": 1}, {"intensity": 2}, {"": 0.5}, {"unique": 0.5}, "joy", 0.5, [], {},
-    ]),
-    st.lists(EDGE_NUMBERS, min_size=4, max_size=10),
-)
+]
+EDGE_NUMBERS = st.sampled_from(EDGE_NUMBER_VALUES)
+EDGE_STRINGS = st.sampled_from(EDGE_STRING_VALUES)
+EDGE_VECTORS = st.one_of(st.sampled_from(EDGE_VECTOR_VALUES), st.lists(EDGE_NUMBERS, min_size=4, max_size=10))
+# (which slots, which values) for the edge tests
+SLOT_KINDS = {
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), EDGE_NUMBER_VALUES),
+    "string": (lambda v: isinstance(v, str), EDGE_STRING_VALUES),
+    "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTOR_VALUES),
+}
 json_scalars = st.one_of(
     EDGE_NUMBERS, EDGE_STRINGS,
     st.none(), st.booleans(),
@@ -212,8 +223,11 @@ def _is_number(v):
 
 
 @st.composite
-def mutated_object(draw, seed: dict):
+def mutated_object(draw_, seed: dict):
     """A seed record with some of its JSON values replaced, deleted, added or nested edits."""
+    def draw(strategy):  # a copy: later edits must not change the strategies' own lists
+        return copy.deepcopy(draw_(strategy))
+
     obj = json.loads(json.dumps(seed))
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["set", "delete", "element", "add"] + ["number", "string", "vector"] * 2))
@@ -223,7 +237,7 @@ def mutated_object(draw, seed: dict):
                     "vector": lambda v: isinstance(v, (list, dict))}[op]
             slots = _leaves(obj, want)
             if slots:
-                node, k = draw(st.sampled_from(slots))
+                node, k = draw_(st.sampled_from(slots))  # the slot itself, not a copy
                 node[k] = draw({"number": EDGE_NUMBERS, "string": EDGE_STRINGS, "vector": EDGE_VECTORS}[op])
         elif op == "set" and keys:
             obj[draw(st.sampled_from(keys))] = draw(json_values)
@@ -244,7 +258,7 @@ def mutated_object(draw, seed: dict):
 
 
 def _dump(obj, ensure_ascii: bool) -> str:
-    return json.dumps(obj, ensure_ascii=ensure_ascii, allow_nan=True)
+    return json.dumps(obj, ensure_ascii=ensure_ascii, allow_nan=True).replace(f'"{HUGE_INT}"', "9" * 5000)
 
 
 @st.composite
@@ -354,9 +368,10 @@ def test_edge_value_in_each_slot_of_a_valid_record(fuzz_dir, target, data):
     kinds = {"number": (_is_number, EDGE_NUMBERS),
              "string": (lambda v: isinstance(v, str), EDGE_STRINGS),
              "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTORS)}
-    want, edge = kinds[data.draw(st.sampled_from(sorted(kinds)))]
+    present = sorted(kind for kind, (want, _) in kinds.items() if _leaves(obj, want))
+    want, edge = kinds[data.draw(st.sampled_from(present))]
     node, k = data.draw(st.sampled_from(_leaves(obj, want)))
-    node[k] = data.draw(edge)
+    node[k] = copy.deepcopy(data.draw(edge))
     objs = [seeds[0], obj, seeds[-1]]
     ascii_ = data.draw(st.booleans())
     text = _dump(objs, ascii_) if kind == "array" else "".join(_dump(o, ascii_) + "\n" for o in objs)
@@ -386,3 +401,24 @@ def test_damaged_gzip(fuzz_dir, data, cut):
                 continue
             for rec in records:
                 _check_record(rec)
+
+
+@pytest.mark.parametrize("name,fmt,kind", [t for t in TARGETS if t[2] != "tsv" and not t[0].endswith(".gz")])
+def test_every_edge_value_in_every_slot(fuzz_dir, name, fmt, kind):
+    """Exhaustive, not sampled: each edge value of the matching kind in each slot of each seed."""
+    seeds = SEEDS[fmt]
+    tried = 0
+    for i, seed in enumerate(seeds):
+        for want, values in SLOT_KINDS.values():
+            for slot in range(len(_leaves(json.loads(json.dumps(seed)), want))):
+                for value in values:
+                    obj = json.loads(json.dumps(seed))
+                    node, k = _leaves(obj, want)[slot]
+                    node[k] = copy.deepcopy(value)
+                    objs = [*seeds[:i], obj, *seeds[i + 1:]]
+                    ascii_ = tried % 2 == 0
+                    text = (_dump(objs, ascii_) if kind == "array"
+                            else "".join(_dump(o, ascii_) + "\n" for o in objs))
+                    check_load(fuzz_dir / name, fmt, kind, _encode(text), quick=True)
+                    tried += 1
+    assert tried > 200

@@ -148,7 +148,8 @@ class Trainer:
         self.rank, self.world = 0, 1
 
         torch.manual_seed(cfg.train.seed)
-        self.model = RedHeartNet(cfg.model).to(device)
+        with device:  # initialise on the device itself (a 730M init on the CPU takes many seconds)
+            self.model = RedHeartNet(cfg.model)
         self.param_counts = count_parameters(self.model)
         self.lr = cfg.train.lr
         self.optimizer = build_optimizer(self.model, cfg, self.lr, device)
@@ -319,9 +320,11 @@ class Trainer:
                 bar.close()
             self.epoch = epoch
             self.step_in_epoch = 0
+            self.finished = self.epoch == cfg.train.epochs
             self.end_of_epoch()
-        self.finished = True
-        self.save_resume_state()
+        if not self.finished:  # a resumed run that had already finished: record that once
+            self.finished = True
+            self.save_resume_state()
         return self.history
 
     def end_of_epoch(self) -> dict[str, Any]:
