@@ -10,14 +10,25 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import traceback
 from typing import Any
 
-from redheart.config import PRESETS, Config, ConfigError, build_config
+from redheart.config import PRESETS, Config, ConfigError, build_config, load_yaml
 
 log = logging.getLogger("redheart")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # a signal before the run could stop cleanly (the shell's 128 + SIGINT)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: `error: ...` naming the argument, exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _gpu_available() -> bool:
@@ -62,7 +73,52 @@ def parse_samples(args) -> int | None:
     return n
 
 
+# Command-line flags that set a config value, for naming where a bad value came from.
+FLAG_KEYS = {"train.epochs": "--epochs/--samples", "train.micro_batch": "--batch-size", "train.lr": "--lr",
+             "train.seed": "--seed", "train.device": "--device", "data.max_records": "--max-records",
+             "data.max_train_records": "--samples"}
+
+
+def value_origin(key: str, args) -> str | None:
+    """Which --set, flag or --config file gave `key` its value (the last one that names it)."""
+    for a in reversed(args.set):
+        if a.split("=", 1)[0].strip() == key:
+            return f"--set {a}"
+    for flag in FLAG_KEYS.get(key, "").split("/"):
+        if flag and getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            return flag
+    for f in reversed(args.config):
+        try:
+            node: Any = load_yaml(f)
+        except ConfigError:
+            continue
+        for part in key.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            return f"--config {f}"
+    return None
+
+
 def make_config(args, mode: str, preset_name: str) -> Config:
+    try:
+        cfg = _make_config(args, mode, preset_name)
+    except ConfigError as exc:
+        m = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", str(exc))
+        origin = value_origin(m.group(1), args) if m else None
+        raise ConfigError(f"{exc} [from {origin}]" if origin else str(exc)) from None
+    dev = cfg.train.device
+    if dev.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(dev.split(":", 1)[1]) if ":" in dev and dev.split(":", 1)[1].isdigit() else 0
+        if index >= n:
+            raise ConfigError(f"train.device={dev}: " + (f"only {n} CUDA GPU(s) visible" if n else
+                              "no CUDA GPU is visible to PyTorch") + " (use --device cpu or auto)")
+    return cfg
+
+
+def _make_config(args, mode: str, preset_name: str) -> Config:
     cfg = build_config(preset_name, args.config, [])
     samples = parse_samples(args)
     if samples is not None and samples < 1:
@@ -145,12 +201,13 @@ def test_faults() -> dict[str, Any]:
 
 
 def cmd_train(args, mode: str) -> int:
+    cfg = make_config(args, mode, choose_preset(args, mode))  # bad values fail before the heavy imports
+    faults = test_faults()
     from redheart.run import RunOptions, train
 
-    cfg = make_config(args, mode, choose_preset(args, mode))
     opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given=args.epochs is not None,
                       debug=args.debug, verbose=args.verbose, analysis=mode != "train-local",
-                      faults=test_faults())
+                      faults=faults, mode=mode)
     return train(cfg, opts)
 
 
@@ -169,7 +226,7 @@ def cmd_unified_test_v1(args) -> int:
                   f"({cfg.data.max_records} records, {cfg.train.epochs} epochs, no LR sweep)", file=sys.stderr)
         cfg.output_dir = os.path.join(args.output_dir, name)
         opts = RunOptions(resume=args.resume, restart=True if args.resume is None else args.restart,
-                          debug=args.debug, verbose=args.verbose)
+                          debug=args.debug, verbose=args.verbose, mode="unified-test-v1")
         code = train(cfg, opts)
         worst = max(worst, code)
         if code:
@@ -200,6 +257,8 @@ def cmd_validate(args) -> int:
 def cmd_predict(args) -> int:
     from redheart.predict import predict_command
 
+    if args.file and not os.path.isfile(args.file):
+        raise ConfigError(f"--file {args.file}: no such file")
     return predict_command(args)
 
 
@@ -216,7 +275,7 @@ def cmd_plot(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redheart", description="Red Heart AI training system")
+    p = Parser(prog="redheart", description="Red Heart AI training system")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_, samples in [
         ("unified-test", "quick end-to-end run: LR sweep -> 2 epochs -> Sweet Spot -> Crossover", "number of epochs"),
@@ -268,10 +327,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, EncoderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted before the run could stop cleanly (nothing of it was saved since its "
+              "last checkpoint)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # an unusable path given by the user: a file where a folder is needed, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:
         from redheart.run import UsageError
 
         if isinstance(exc, UsageError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        raise
+        if getattr(args, "debug", False):
+            raise
+        where = _traceback_to_log_file()
+        print(f"error: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(traceback {'in ' + where if where else 'with --debug'})", file=sys.stderr)
+        return 1
+
+
+def _traceback_to_log_file() -> str | None:
+    """Write the current exception's traceback to the run's log file, if one is open."""
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.stream.write(traceback.format_exc())
+            h.flush()
+            return h.baseFilename
+    return None

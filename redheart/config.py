@@ -77,7 +77,9 @@ class TrainConfig:
     eval_batch: int = 32  # samples per forward pass in validation (does not change any result)
     log_every: int = 10  # optimizer steps between progress lines (--verbose: every step)
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
-    compile: bool = False  # torch.compile the network (GPU)
+    micro_batch_tokens: int = 0  # >0: micro-batches of similar length up to this many padded tokens (max micro_batch samples)
+    compile: bool = False  # torch.compile each Transformer layer (GPU; pays at large micro-batches)
+    cuda_graphs: str = "auto"  # replay forward+backward as CUDA graphs: auto (GPU, micro-batch <= 8) | on | off
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
 
 
@@ -354,6 +356,8 @@ def _validate(cfg: Config) -> None:
            sorted(t.head_weights))
     for h, w in t.head_weights.items():
         _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
+    _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", t.micro_batch_tokens)
+    _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "auto, on or off", t.cuda_graphs)
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)

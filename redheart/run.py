@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from redheart.ckpt import io as ckio
-from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, timestamp
+from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, set_aside, timestamp
 from redheart.config import Config
 from redheart.runlog import Progress, setup_logging
 from redheart.session import build_session
@@ -34,6 +35,7 @@ class RunOptions:
     verbose: bool = False
     analysis: bool = True  # Sweet Spot + Crossover after training
     faults: dict[str, Any] = field(default_factory=dict)  # test hooks (injected failures)
+    mode: str = "unified-train"  # the run_learning.sh mode, for the "resume with" hint
 
 
 def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None]:
@@ -41,13 +43,19 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
     root = Path(cfg.output_dir)
     if opts.resume:
         if opts.resume == "latest":
-            state, _ = find_resume_state(root)
+            skipped: list[dict[str, Any]] = []
+            state, _ = find_resume_state(root, skipped)
+            set_aside(root, skipped)
             path = None
         else:
             path = Path(opts.resume)
-            known = {e["path"]: e.get("sha256") for e in read_registry(root)}
-            known.update({e["path"]: e.get("sha256") for e in _metadata(root)})
-            state = ckio.load(path, known.get(str(path)))
+            if path.is_dir():
+                raise UsageError(f"--resume {path}: a folder; give a checkpoint file, or --resume latest "
+                                 f"with --output-dir for the newest resume state of an output directory")
+            try:
+                state = ckio.load(path, recorded_sha256(path))
+            except ckio.CheckpointError as exc:
+                raise ckio.CheckpointError(f"{exc} (--resume latest takes the newest sound resume state)") from None
         saved = Config.from_dict(state["config"])
         saved.output_dir = cfg.output_dir
         saved.train.device = cfg.train.device
@@ -72,26 +80,63 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
     return cfg, RunPaths(root, run_id), None, None
 
 
-def _metadata(root: Path) -> list[dict[str, Any]]:
+def recorded_sha256(path: Path) -> str | None:
+    """The checksum recorded for a checkpoint in the lists beside it (metadata.json,
+    resume_states.json), or None, said in the log, when it is in neither."""
+    folder, target = path.parent, path.resolve()
+    entries: list[dict[str, Any]] = read_registry(folder.parent) if folder.name == "checkpoints_final" else []
     try:
-        return ckio.read_metadata(root / "checkpoints_final")
-    except ckio.CheckpointError:
-        return []
+        entries += ckio.read_metadata(folder)
+    except ckio.CheckpointError as exc:
+        log.warning("%s", exc)
+    for e in entries:
+        if Path(e["path"]).resolve() == target and e.get("sha256"):
+            return e["sha256"]
+    log.warning("%s is not listed in %s/metadata.json or resume_states.json: its checksum cannot be verified",
+                path, folder)
+    return None
 
 
-def install_signal_handlers(stop: StopFlag) -> None:
-    """First SIGTERM/SIGINT: finish the current step, save, exit 75. Second: stop at once."""
+def install_signal_handlers(stop: StopFlag, training: Callable[[], bool]) -> None:
+    """First SIGTERM/SIGINT while training: finish the current optimizer step, save a resumable
+    state, exit 75. Before training has begun (setup, LR sweep) nothing new would be saved, so it
+    stops at once, also with 75. A second signal takes the default action: the process ends."""
 
     def handler(signum, _frame):
-        stop.requested = True
-        stop.signal_name = signal.Signals(signum).name
-        log.warning("%s received: stopping after the current optimizer step with a resumable state "
-                    "(send it again to stop at once)", stop.signal_name)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        stop.requested = True
+        stop.signal_name = signal.Signals(signum).name
+        if not training():
+            raise TrainingStopped(f"stopped by {stop.signal_name} before training began", None, code=75)
+        log.warning("%s received: stopping after the current optimizer step with a resumable state "
+                    "(send it again to stop at once)", stop.signal_name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def clean_leftovers(paths: RunPaths) -> None:
+    """Temporary files of writes cut short by a kill are never read; remove them."""
+    removed = []
+    for folder in (paths.checkpoints, paths.logs, paths.sweep, paths.sweetspot, paths.oom):
+        removed += ckio.clean_stale_temp(folder)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+
+
+def report_stop(stopped: TrainingStopped, paths: RunPaths, mode: str) -> None:
+    log.error("%s", stopped.reason)
+    if stopped.resume_path:
+        log.error("resume with: bash run_learning.sh %s --resume %s   (or --resume latest)", mode, stopped.resume_path)
+        return
+    entries = [e for e in read_registry(paths.root) if Path(e["path"]).is_file()]
+    if entries:
+        log.error("no new resumable state was written; the last complete one is %s: resume with: "
+                  "bash run_learning.sh %s --resume latest", entries[-1]["path"], mode)
+    else:
+        log.error("nothing to resume: no training state was saved yet; run the command again")
 
 
 def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> str:
@@ -137,46 +182,66 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
 
 
 def train(cfg: Config, opts: RunOptions) -> int:
+    """Run (or resume) training and the analysis; returns the exit code. The signal handlers
+    and test faults it installs are taken away again when it returns."""
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        return _train(cfg, opts)
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+        ckio.set_faults({})
+
+
+def _train(cfg: Config, opts: RunOptions) -> int:
+    ckio.set_faults(opts.faults)
+    setup_logging(opts.debug)  # the console, for what opening the run has to say
     cfg, paths, state, warm = open_run(cfg, opts)
     paths.make()
     setup_logging(opts.debug, paths.log_file)
-    if state is None:
-        ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
-    session = build_session(cfg)
-    from redheart.tb import TensorBoard
-
-    tb = TensorBoard(paths.tensorboard)
+    clean_leftovers(paths)
     stop = StopFlag()
-    install_signal_handlers(stop)
-    trainer = Trainer(cfg, paths, session.data, session.features, session.device, stop=stop,
-                      faults=opts.faults, tensorboard=tb)
-    log.info("\n%s", start_summary(cfg, paths, session, trainer))
-    if state is not None:
-        trainer.restore(state)
-        log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
-                 trainer.step_in_epoch, trainer.global_step)
-    elif warm is not None:
-        trainer.model.load_state_dict({k: v.float() for k, v in warm["model_state"].items()})
-        trainer.epoch = int(warm["epoch"])
-        if trainer.ema is not None:
-            trainer.ema.shadow = [p.detach().clone().float() for p in trainer.model.parameters()]
-    elif cfg.sweep.enabled:
-        from redheart.sweep import run_sweep, write_sweep
-
-        result = run_sweep(trainer)
-        jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
-        trainer.set_lr(result["lr"])
-        trainer.sweep_result = {"lr": result["lr"], "json": jpath, "plot": ppath, "reason": result["reason"]}
-    progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose)
+    training = [False]
+    install_signal_handlers(stop, lambda: training[0])
+    trainer = tb = None
     try:
-        history = trainer.fit(progress)
+        if state is None:
+            ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
+        session = build_session(cfg)
+        from redheart.tb import TensorBoard
+
+        tb = TensorBoard(paths.tensorboard)
+        trainer = Trainer(cfg, paths, session.data, session.features, session.device, stop=stop,
+                          faults=opts.faults, tensorboard=tb)
+        log.info("\n%s", start_summary(cfg, paths, session, trainer))
+        if state is not None:
+            trainer.restore(state)
+            log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
+                     trainer.step_in_epoch, trainer.global_step)
+        elif warm is not None:
+            trainer.model.load_state_dict({k: v.float() for k, v in warm["model_state"].items()})
+            trainer.epoch = int(warm["epoch"])
+            if trainer.ema is not None:
+                trainer.ema.shadow = [p.detach().clone().float() for p in trainer.model.parameters()]
+        elif cfg.sweep.enabled:
+            from redheart.sweep import run_sweep, write_sweep
+
+            result = run_sweep(trainer)
+            jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
+            trainer.set_lr(result["lr"])
+            trainer.sweep_result = {"lr": result["lr"], "json": jpath, "plot": ppath, "reason": result["reason"]}
+        progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose)
+        training[0] = True
+        try:
+            history = trainer.fit(progress)
+        finally:
+            progress.close()
     except TrainingStopped as stopped:
-        progress.close()
-        log.error("%s", stopped.reason)
-        if stopped.resume_path:
-            log.error("resume with: bash run_learning.sh <mode> --resume %s   (or --resume latest)", stopped.resume_path)
-        _write_side_files(trainer, paths)
-        tb.close()
+        report_stop(stopped, paths, opts.mode)
+        if trainer is not None:
+            _write_side_files(trainer, paths)
+        if tb is not None:
+            tb.close()
         return stopped.code
     _write_side_files(trainer, paths)
     # Training is complete and saved; a signal from here on ends the process at once (every
@@ -203,6 +268,14 @@ def train(cfg: Config, opts: RunOptions) -> int:
 
 
 def _write_side_files(trainer: Trainer, paths: RunPaths) -> None:
+    """The OOM and memory records; a failure to write them (a full disk) is logged, not fatal."""
+    try:
+        _side_files(trainer, paths)
+    except ckio.CheckpointError as exc:
+        log.error("%s", exc)
+
+
+def _side_files(trainer: Trainer, paths: RunPaths) -> None:
     if trainer.oom_events or trainer.micro_batch != trainer.cfg.train.micro_batch:
         paths.oom.mkdir(parents=True, exist_ok=True)
         doc = {"run_id": paths.run_id, "events": trainer.oom_events,

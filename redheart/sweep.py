@@ -81,14 +81,11 @@ def _one_run(trainer: Trainer, lr: float, steps: list[list[int]], init: dict[str
     trainer.model.load_state_dict(init)
     restore_rng(rng)
     opt = build_optimizer(trainer.model, cfg, lr, trainer.device)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
     curve, at, train_losses = [], [], []
     for s, step in enumerate(steps, start=1):
         trainer.model.train()
         parts = trainer.accumulate(step)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_norm or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.apply_update(opt, parts)
         train_losses.append(parts["loss"])
         if s % cfg.sweep.eval_every == 0 or s == len(steps):
             loss = evaluate(trainer.model, trainer.features["val"], cfg, trainer.dtype)["loss"]

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from redheart.data.dataset import split_of
 from redheart.data.importers import load_records
 from redheart.data.schema import DataError
 
@@ -96,10 +97,11 @@ def _nonblank_lines(data: bytes) -> int:
 
 def _check_record(rec) -> None:
     assert isinstance(rec.id, str) and rec.id
+    assert split_of(rec.id) in ("train", "val", "test")  # hashes the id: valid Unicode
     assert isinstance(rec.text, str) and rec.text.strip()
     rec.text.encode("utf-8")  # valid Unicode
     assert rec.has_target
-    for name, size, dist in (("emotion", 7, True), ("surd", 4, True)):
+    for name, size in (("emotion", 7), ("surd", 4)):
         v = getattr(rec, name)
         if v is not None:
             assert len(v) == size and all(isinstance(x, float) and 0 <= x <= 1 for x in v), (name, v)
@@ -150,18 +152,24 @@ EDGE_STRING_VALUES = [
     None, True, ["a"], {"a": 1},
 ]
 EDGE_VECTOR_VALUES = [
-        [0] * 7, [1e308] * 7, [1e308, 1e308, 0, 0, 0, 0, 0], [1] * 6, [1] * 8, [0.5] * 10, [None] * 10,
-        [0.25] * 4, [1, -1, 0, 1], [0.5, 0.5, float("nan"), 0], {"joy": 1e308, "anger": 1e308},
-        {"JOY": 1}, {"intensity": 2}, {"": 0.5}, {"unique": 0.5}, "joy", 0.5, [], {},
+    [0] * 7, [1e308] * 7, [1e308, 1e308, 0, 0, 0, 0, 0], [1] * 6, [1] * 8, [0.5] * 10, [None] * 10,
+    [0.25] * 4, [1, -1, 0, 1], [0.5, 0.5, float("nan"), 0], {"joy": 1e308, "anger": 1e308},
+    {"JOY": 1}, {"intensity": 2}, {"": 0.5}, {"unique": 0.5}, "joy", 0.5, [], {},
 ]
 EDGE_NUMBERS = st.sampled_from(EDGE_NUMBER_VALUES)
 EDGE_STRINGS = st.sampled_from(EDGE_STRING_VALUES)
 EDGE_VECTORS = st.one_of(st.sampled_from(EDGE_VECTOR_VALUES), st.lists(EDGE_NUMBERS, min_size=4, max_size=10))
-# (which slots, which values) for the edge tests
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Kinds of slot in a record: (which values are slots of the kind, its edge values, their strategy)
 SLOT_KINDS = {
-    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), EDGE_NUMBER_VALUES),
-    "string": (lambda v: isinstance(v, str), EDGE_STRING_VALUES),
-    "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTOR_VALUES),
+    "number": (_is_number, EDGE_NUMBER_VALUES, EDGE_NUMBERS),
+    "string": (lambda v: isinstance(v, str), EDGE_STRING_VALUES, EDGE_STRINGS),
+    "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTOR_VALUES, EDGE_VECTORS),
 }
 json_scalars = st.one_of(
     EDGE_NUMBERS, EDGE_STRINGS,
@@ -218,10 +226,6 @@ def _leaves(node, want):
     return out
 
 
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 @st.composite
 def mutated_object(draw_, seed: dict):
     """A seed record with some of its JSON values replaced, deleted, added or nested edits."""
@@ -232,13 +236,12 @@ def mutated_object(draw_, seed: dict):
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["set", "delete", "element", "add"] + ["number", "string", "vector"] * 2))
         keys = list(obj)
-        if op in ("number", "string", "vector"):
-            want = {"number": _is_number, "string": lambda v: isinstance(v, str),
-                    "vector": lambda v: isinstance(v, (list, dict))}[op]
+        if op in SLOT_KINDS:
+            want, _, edge = SLOT_KINDS[op]
             slots = _leaves(obj, want)
             if slots:
                 node, k = draw_(st.sampled_from(slots))  # the slot itself, not a copy
-                node[k] = draw({"number": EDGE_NUMBERS, "string": EDGE_STRINGS, "vector": EDGE_VECTORS}[op])
+                node[k] = draw(edge)
         elif op == "set" and keys:
             obj[draw(st.sampled_from(keys))] = draw(json_values)
         elif op == "delete" and keys:
@@ -365,11 +368,8 @@ def test_edge_value_in_each_slot_of_a_valid_record(fuzz_dir, target, data):
     name, fmt, kind = target
     seeds = SEEDS[fmt]
     obj = json.loads(json.dumps(data.draw(st.sampled_from(seeds))))
-    kinds = {"number": (_is_number, EDGE_NUMBERS),
-             "string": (lambda v: isinstance(v, str), EDGE_STRINGS),
-             "vector": (lambda v: isinstance(v, (list, dict)), EDGE_VECTORS)}
-    present = sorted(kind for kind, (want, _) in kinds.items() if _leaves(obj, want))
-    want, edge = kinds[data.draw(st.sampled_from(present))]
+    present = sorted(kind for kind, (want, _, _) in SLOT_KINDS.items() if _leaves(obj, want))
+    want, _, edge = SLOT_KINDS[data.draw(st.sampled_from(present))]
     node, k = data.draw(st.sampled_from(_leaves(obj, want)))
     node[k] = copy.deepcopy(data.draw(edge))
     objs = [seeds[0], obj, seeds[-1]]
@@ -409,7 +409,7 @@ def test_every_edge_value_in_every_slot(fuzz_dir, name, fmt, kind):
     seeds = SEEDS[fmt]
     tried = 0
     for i, seed in enumerate(seeds):
-        for want, values in SLOT_KINDS.values():
+        for want, values, _ in SLOT_KINDS.values():
             for slot in range(len(_leaves(json.loads(json.dumps(seed)), want))):
                 for value in values:
                     obj = json.loads(json.dumps(seed))

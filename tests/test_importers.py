@@ -236,6 +236,7 @@ BAD_CANONICAL = [
      None, "malformed JSON"),
     ("unpaired surrogate in text", '{"id": "bad", "text": "a\\ud800b", "regret": 0.5}', "text",
      "surrogate"),
+    ("unpaired surrogate in id", '{"id": "b\\udc00", "text": "x", "regret": 0.5}', "id", "surrogate"),
     ("nested too deeply", '{"id": "bad", "text": "x", "emotion": ' + "[" * 100_000 + "]" * 100_000 + "}",
      None, "malformed JSON"),
 ]

@@ -3,16 +3,25 @@
 A write goes to a temporary name in the same folder, is fsynced, renamed over the target and
 the folder fsynced, so a reader sees the old file or the new one, never half of one. The
 SHA-256 is computed while writing. Loading uses `weights_only=True` only: a file carrying
-pickled code is refused.
+pickled code is refused. A process killed mid-write leaves only its `.NAME.tmp-PID` file, never
+a partial file under the real name; `clean_stale_temp` removes those leftovers.
+
+`set_faults` lets the test suite inject write failures (a full disk) and slow writes (to kill a
+process while a temporary file is half written); it is empty outside tests.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
+import re
 import shutil
+import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,24 @@ import torch
 
 FORMAT_VERSION = 1
 SAVE_MARGIN_BYTES = 64 * 1024 * 1024  # kept free beyond the file itself
+TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # `.NAME.tmp-PID`, as atomic writes name their temporary files
+
+log = logging.getLogger("redheart")
+_faults: dict[str, Any] = {}
+
+
+def set_faults(faults: dict[str, Any]) -> None:
+    """Test hooks: {"write_error": {"match": "NAME-PART", "after_bytes": N}} makes every write of
+    a file whose name contains NAME-PART fail with ENOSPC after N bytes; {"slow_write_s": S}
+    pauses S seconds inside each checkpoint write, with the temporary file half written."""
+    _faults.clear()
+    _faults.update({k: v for k, v in faults.items() if k in ("write_error", "slow_write_s")})
+
+
+def _injected(path: Path, written: int) -> None:
+    spec = _faults.get("write_error")
+    if spec and spec.get("match", "") in path.name and written >= int(spec.get("after_bytes", 0)):
+        raise OSError(errno.ENOSPC, "No space left on device (injected by a test)", str(path))
 
 
 class CheckpointError(RuntimeError):
@@ -28,13 +55,20 @@ class CheckpointError(RuntimeError):
 
 
 class _HashingWriter(io.RawIOBase):
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.sha, self.size = f, path, hashlib.sha256(), 0
+        self.paused = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
+        if _faults:
+            _injected(self.path, self.size + len(b))
+            if _faults.get("slow_write_s") and not self.paused and self.size > 0:
+                self.paused = True
+                self.f.flush()
+                time.sleep(float(_faults["slow_write_s"]))
         self.sha.update(b)
         self.size += len(b)
         return self.f.write(b)
@@ -80,12 +114,15 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
     file at `path`, if any, is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc}") from None
     check_free_space(path.parent, tensor_bytes(obj))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            w = _HashingWriter(f)
+            w = _HashingWriter(f, path)
             torch.save(obj, w)
             f.flush()
             os.fsync(f.fileno())
@@ -100,19 +137,61 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
+    """Write a text file atomically; a failure (full disk) raises CheckpointError and leaves
+    the previous file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc}") from None
+    tmp = temp_name(path)
+    try:
+        data = text.encode("utf-8")
+        if _faults:
+            _injected(path, len(data))
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write {path}: {exc}") from exc
         raise
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temp(folder: Path) -> list[Path]:
+    """Remove the temporary files of writes whose process is gone (killed mid-write); files of
+    a live process are left alone. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError as exc:
+                log.warning("could not remove the leftover temporary file %s: %s", p, exc)
+    return removed
 
 
 def sha256_file(path: Path) -> str:
@@ -136,18 +215,31 @@ def load(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]
                 f"recorded {expected_sha256[:12]}..."
             )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"refused to load {path}: it holds pickled Python objects, not only tensors and plain "
-            f"values, and loading it could run code. Only checkpoints written by this system load. "
-            f"({str(exc).splitlines()[0]})"
+            f"refused to load {path}: it holds pickled Python objects{_what_pickled(str(exc))}, not "
+            f"only tensors and plain values, and loading it could run code. Only checkpoints written "
+            f"by this system load."
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {exc}") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {first}") from None
     if not isinstance(obj, dict) or "model_state" not in obj:
         raise CheckpointError(f"{path} is not a Red Heart checkpoint (no model_state)")
     return obj
+
+
+def _what_pickled(message: str) -> str:
+    """The offending global of torch's weights-only refusal (e.g. ` (posix.system)`), if named."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return f" ({m.group(1)})"
+    m = re.search(r"Unsupported operand (\d+)", message)
+    return f" (pickle instruction {m.group(1)} is not allowed)" if m else ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,6 +247,9 @@ def load(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]
 
 
 def read_metadata(folder: Path) -> list[dict[str, Any]]:
+    """The entries of `folder/metadata.json` ([] when there is none); CheckpointError when it is
+    not a list of entries. Paths are taken relative to the folder, so a moved or copied output
+    directory still finds its files."""
     path = Path(folder) / "metadata.json"
     if not path.is_file():
         return []
@@ -162,10 +257,43 @@ def read_metadata(folder: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); move it aside to start a new one") from None
-    if not isinstance(data, list):
-        raise CheckpointError(f"{path}: expected a list of checkpoint entries")
-    return data
+    if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in data):
+        raise CheckpointError(f"{path}: expected a list of checkpoint entries, each with a path")
+    return rebase(data, Path(folder))
+
+
+def rebase(entries: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Entries with each path pointing into `folder` (checkpoints always live beside their list)."""
+    return [{**e, "path": str(folder / Path(e["path"]).name)} for e in entries]
 
 
 def write_metadata(folder: Path, entries: list[dict[str, Any]]) -> None:
     atomic_write_text(json.dumps(entries, indent=2, allow_nan=True) + "\n", Path(folder) / "metadata.json")
+
+
+def rebuild_metadata(folder: Path) -> list[dict[str, Any]]:
+    """Recover from an unreadable metadata.json: move it aside (`metadata.json.corrupt-<time>`)
+    and list again every epoch snapshot in the folder that loads, with its checksum."""
+    folder = Path(folder)
+    bad = folder / "metadata.json"
+    if bad.exists():
+        aside = folder / f"metadata.json.corrupt-{time.strftime('%Y%m%d_%H%M%S')}"
+        os.replace(bad, aside)
+        log.warning("%s was unreadable: moved aside to %s; rebuilding it from the snapshot files", bad, aside.name)
+    entries = []
+    for p in sorted(folder.glob("checkpoint_epoch_*.pt")):
+        try:
+            ck = load(p)
+        except CheckpointError as exc:
+            log.error("not listed in the rebuilt metadata.json: %s", exc)
+            continue
+        if ck.get("kind") != "snapshot":
+            continue
+        entries.append({"epoch": int(ck["epoch"]), "lr": ck.get("lr"), "path": str(p), "file": p.name,
+                        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(p.stat().st_mtime)),
+                        "sha256": sha256_file(p), "size_bytes": p.stat().st_size, "run_id": ck.get("run_id"),
+                        "global_step": ck.get("global_step"), "weights": ck.get("weights"),
+                        "metrics": ck.get("metrics", {}), "rebuilt": True})
+    entries.sort(key=lambda e: (e["timestamp"], e["epoch"]))
+    write_metadata(folder, entries)
+    return entries

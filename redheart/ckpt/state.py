@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from redheart.ckpt.io import CheckpointError, FORMAT_VERSION, atomic_write_text, load, read_metadata
+from redheart.ckpt.io import CheckpointError, FORMAT_VERSION, atomic_write_text, load, read_metadata, rebase
 
 log = logging.getLogger("redheart")
 
@@ -81,7 +83,9 @@ class RunPaths:
         return self.logs / f"memory_{self.run_id}.json"
 
     def snapshot_path(self, epoch: int, lr: float) -> Path:
-        return self.checkpoints / f"checkpoint_epoch_{epoch:04d}_lr_{lr:.6f}_{timestamp()}.pt"
+        # <ts> is the run's start time, so the same epoch of the same run always has the same name:
+        # an epoch redone after a crash replaces its snapshot instead of leaving a second one.
+        return self.checkpoints / f"checkpoint_epoch_{epoch:04d}_lr_{lr:.6f}_{self.run_id}.pt"
 
     def resume_path(self, global_step: int) -> Path:
         return self.checkpoints / f"resume_state_{self.run_id}_step{global_step:08d}.pt"
@@ -133,47 +137,86 @@ def registry_path(root: Path) -> Path:
 
 
 def read_registry(root: Path) -> list[dict[str, Any]]:
+    """The registered resume states, oldest first. An unreadable registry is replaced by a scan of
+    the folder (the files are complete, being renamed into place, but their checksums are lost);
+    the next save writes a sound registry again."""
     path = registry_path(root)
     if not path.is_file():
         return []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        log.warning("%s is not valid JSON; resume states will be found by scanning the folder", path)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        data = None
+    if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in data):
+        log.warning("%s is unreadable; resume states are found by scanning the folder (without checksums)", path)
         return _scan_resume_states(root)
-    return data if isinstance(data, list) else []
+    return rebase(data, path.parent)
+
+
+_RESUME_RE = re.compile(r"^resume_state_(.+)_step(\d+)\.pt$")
 
 
 def _scan_resume_states(root: Path) -> list[dict[str, Any]]:
-    files = sorted((Path(root) / "checkpoints_final").glob("resume_state_*.pt"), key=lambda p: p.stat().st_mtime)
-    return [{"path": str(p), "sha256": None, "timestamp": "", "run_id": "?", "finished": False} for p in files]
+    found = []
+    for p in (Path(root) / "checkpoints_final").glob("resume_state_*.pt"):
+        m = _RESUME_RE.match(p.name)
+        if m:
+            found.append((p.stat().st_mtime, int(m.group(2)), p, m.group(1)))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [{"path": str(p), "sha256": None, "timestamp": "", "run_id": run_id, "global_step": step,
+             "finished": False} for _, step, p, run_id in found]
 
 
 def write_registry(root: Path, entries: list[dict[str, Any]]) -> None:
     atomic_write_text(json.dumps(entries, indent=2) + "\n", registry_path(root))
 
 
-def find_resume_state(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The newest resume state whose checksum matches; corrupted ones are reported and skipped.
+def find_resume_state(root: Path, skipped: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The newest resume state whose checksum matches; corrupted or missing ones are reported by
+    name and skipped for the previous one (and appended to `skipped`).
 
     Returns (checkpoint, registry entry). Raises CheckpointError when none is usable.
     """
     entries = read_registry(root)
     if not entries:
-        raise CheckpointError(f"no resume state in {Path(root) / 'checkpoints_final'}: nothing to resume")
+        raise CheckpointError(f"no resume state in {Path(root) / 'checkpoints_final'}: nothing to resume "
+                              f"(start the run without --resume)")
     problems = []
     for entry in reversed(entries):
         try:
             ckpt = load(entry["path"], entry.get("sha256"))
+            if ckpt.get("kind") != "resume":
+                raise CheckpointError(f"{entry['path']} is not a resume state")
         except CheckpointError as exc:
             log.error("skipping %s: %s", Path(entry["path"]).name, exc)
             problems.append(str(exc))
+            if skipped is not None:
+                skipped.append(entry)
             continue
-        if ckpt.get("kind") != "resume":
-            problems.append(f"{entry['path']} is not a resume state")
-            continue
+        if problems:
+            log.warning("resuming from the previous good state %s", Path(entry["path"]).name)
         return ckpt, entry
-    raise CheckpointError("no usable resume state: " + "; ".join(problems))
+    raise CheckpointError("no usable resume state (start anew with --restart): " + "; ".join(problems))
+
+
+def set_aside(root: Path, bad: list[dict[str, Any]]) -> None:
+    """Take resume states found corrupted out of the registry, so they hold no place among the
+    ones kept; a corrupted file is renamed `NAME.corrupt` (kept for inspection, never loaded)."""
+    if not bad:
+        return
+    gone = {e["path"] for e in bad}
+    for path in gone:
+        p = Path(path)
+        if p.is_file():
+            try:
+                os.replace(p, p.with_name(p.name + ".corrupt"))
+                log.warning("renamed the corrupted %s to %s.corrupt (delete it when no longer needed)", p.name, p.name)
+            except OSError as exc:
+                log.warning("could not rename %s: %s", p, exc)
+    try:
+        write_registry(root, [e for e in read_registry(root) if e["path"] not in gone])
+    except CheckpointError as exc:
+        log.warning("the registry of resume states could not be updated: %s", exc)
 
 
 def check_snapshot(ckpt: dict[str, Any], path: Path) -> None:

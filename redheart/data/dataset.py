@@ -129,10 +129,23 @@ def epoch_plan(lengths: torch.Tensor, effective_batch: int, seed: int, epoch: in
     return steps
 
 
-def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int) -> list[list[int]]:
-    """Cut one step into micro-batches of similar length (longest first)."""
+def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int, token_budget: int = 0) -> list[list[int]]:
+    """Cut one step into micro-batches of similar length (longest first).
+
+    With `token_budget > 0` a micro-batch holds up to `micro_batch` samples as long as its
+    padded size (samples x longest) stays within the budget: short texts then travel many to
+    a micro-batch and long ones few, so padding costs little at any micro-batch size.
+    """
     order = sorted(step, key=lambda i: (-int(lengths[i]), i))
-    return [order[s:s + micro_batch] for s in range(0, len(order), micro_batch)]
+    if token_budget <= 0:
+        return [order[s:s + micro_batch] for s in range(0, len(order), micro_batch)]
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < micro_batch and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= token_budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def shard(step: list[int], rank: int, world: int) -> list[int]:

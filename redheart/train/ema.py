@@ -31,13 +31,21 @@ class EMA:
         return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, host_copy: dict[int, torch.Tensor] | None = None) -> None:
+        """One EMA step towards the model's weights (or, with `host_copy`, towards the CPU
+        copies of them that the swap manager keeps, mapped by id of the GPU parameter)."""
         params = dict(model.named_parameters())
         src = [params[n].detach() for n in self.names]
+        if host_copy is not None:
+            src = [host_copy[id(p)] for p in src]
         if src[0].device != self.device or src[0].dtype != torch.float32:
             src = [s.to(self.device, torch.float32, non_blocking=True) for s in src]
         torch._foreach_lerp_(self.shadow, src, 1.0 - self.decay_at(self.num_updates))
         self.num_updates += 1
+
+    def move_to(self, device: torch.device) -> None:
+        self.device = device
+        self.shadow = [t.to(device) for t in self.shadow]
 
     def state_dict(self) -> dict:
         return {"shadow": {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)},

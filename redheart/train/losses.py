@@ -41,12 +41,22 @@ def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts: dict[str, int],
+def _normalisers(counts: dict[str, int] | torch.Tensor) -> dict[str, float | torch.Tensor]:
+    """Per head: 1 / labelled count. From a dict of ints (heads with 0 labelled items are left
+    out, so they get no gradient at all), or from a tensor of inverse counts in HEADS order
+    (0 for an unlabelled head: every head is computed, shapes and control flow are fixed, as
+    a CUDA graph needs)."""
+    if isinstance(counts, torch.Tensor):
+        return {h: counts[i] for i, h in enumerate(HEADS)}
+    return {h: 1.0 / counts[h] for h in HEADS if counts[h] > 0}
+
+
+def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor,
               weights: dict[str, float], smoothing: float = 0.0, smooth_surd: bool = True
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the head losses, each normalised by its labelled count in the step."""
     items = per_item_losses(out, tgt, smoothing, smooth_surd)
-    parts = {h: items[h].sum() / counts[h] for h in HEADS if counts[h] > 0}
+    parts = {h: items[h].sum() * inv for h, inv in _normalisers(counts).items()}
     total = sum((weights[h] * parts[h] for h in parts), torch.zeros((), device=out["regret"].device))
     return total, parts
 
@@ -58,7 +68,7 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 
 
 def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Tensor],
-                      tgt: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor:
+                      tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor) -> torch.Tensor:
     """R-Drop's term between two dropout passes: symmetric KL for the distributions, MSE for
     the regressions, masked and normalised like the task losses."""
     items = {
@@ -67,5 +77,5 @@ def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Ten
         "regret": masked((out_a["regret"] - out_b["regret"]).pow(2), tgt["regret_mask"]),
         "surd": masked(symmetric_kl(out_a["surd"], out_b["surd"]), tgt["surd_mask"]),
     }
-    return sum((items[h].sum() / counts[h] for h in HEADS if counts[h] > 0),
+    return sum((items[h].sum() * inv for h, inv in _normalisers(counts).items()),
                torch.zeros((), device=out_a["regret"].device))

@@ -32,7 +32,8 @@ from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
 from redheart.train.ema import EMA
-from redheart.train.losses import rdrop_consistency, task_loss
+from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts
+from redheart.train.swap import SwapAdamW
 from redheart.train.metrics import head_metrics
 from redheart.train.schedule import warmup_cosine
 
@@ -99,15 +100,70 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norms. Fused kernels on the GPU."""
+def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
+    """CUDA graphs pay where launches dominate: small micro-batches on a GPU, eager layers."""
+    mode = cfg.train.cuda_graphs
+    if device.type != "cuda" or mode == "off":
+        return False
+    return mode == "on" or (cfg.train.micro_batch <= 8 and not cfg.train.compile
+                            and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation: each Transformer layer is compiled (they share one compiled code,
+    so compiling costs about one layer's time, not the whole network's)."""
+    import torch._dynamo
+
+    from redheart.model.network import Block
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.compile(dynamic=True)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device,
+                    swap: bool = False) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms. Fused kernels on the GPU; with `swap`, the
+    Dynamic Swap Manager's AdamW whose state and update live in CPU memory."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if swap:
+        return SwapAdamW(model, groups, lr=lr, betas=tuple(cfg.train.betas))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.train.betas), fused=device.type == "cuda")
+
+
+def memory_cap_gib(device: torch.device) -> float | None:
+    """The GPU memory this process may use (the card's, times any per-process fraction)."""
+    if device.type != "cuda":
+        return None
+    total = memory.device_memory_gib(device)
+    return total * torch.cuda.get_per_process_memory_fraction(device)
+
+
+def plan_memory(cfg: Config, device: torch.device, params: int) -> tuple[bool, bool, str]:
+    """(swap manager on, activation checkpointing on, why) from the estimate and the GPU."""
+    cap = memory_cap_gib(device)
+    mode = cfg.memory.swap
+    if cap is None or mode == "off":
+        return False, cfg.model.activation_checkpointing, ""
+    need = memory.estimate(cfg, params)
+    if mode == "on":
+        swap, why = True, "memory.swap=on"
+    else:
+        swap = need["total_gib"] > 0.9 * cap
+        why = f"estimated need {need['total_gib']:.1f} GiB > 90% of {cap:.1f} GiB" if swap else ""
+    ckpt = cfg.model.activation_checkpointing
+    if swap and not ckpt:
+        on_gpu = need["weights_gib"] + need["gradients_gib"] + need["activations_gib"] + need["encoder_gib"]
+        if on_gpu > 0.8 * cap:
+            ckpt = True
+            why += f"; activation checkpointing on (weights + gradients + activations {on_gpu:.1f} GiB)"
+    return swap, ckpt, why
 
 
 @torch.no_grad()
@@ -152,7 +208,12 @@ class Trainer:
             self.model = RedHeartNet(cfg.model)
         self.param_counts = count_parameters(self.model)
         self.lr = cfg.train.lr
-        self.optimizer = build_optimizer(self.model, cfg, self.lr, device)
+        self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"])
+        if checkpointing and not cfg.model.activation_checkpointing:
+            self.set_checkpointing(True)
+        if self.swap:
+            log.info("Dynamic Swap Manager on: optimizer state and update in pinned CPU memory (%s)", why)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr, device, self.swap)
         eff = cfg.effective_batch
         self.steps_per_epoch = math.ceil(len(self.train_data) / eff)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -160,13 +221,20 @@ class Trainer:
                                        cfg.train.min_lr_ratio)
         self.ema = None
         if cfg.tech.ema_decay > 0:
-            ema_dev = "cpu" if cfg.tech.ema_device == "cpu" else device
+            ema_dev = "cpu" if cfg.tech.ema_device == "cpu" or self.swap else device
             self.ema = EMA(self.model, cfg.tech.ema_decay, cfg.tech.ema_warmup, ema_dev)
 
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # optimizer steps done in the current epoch
         self.global_step = 0
         self.micro_batch = cfg.train.micro_batch
+        self.micro_batch_tokens = cfg.train.micro_batch_tokens
+        self.graphs = None
+        if use_cuda_graphs(cfg, device) and not self.checkpointing:
+            self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
+                                            cfg.model.max_tokens)
+        if cfg.train.compile:
+            compile_blocks(self.model)
         self.history: list[dict[str, Any]] = []
         self.epoch_stats = StepStats()
         self.bad_steps_in_row = 0
@@ -181,60 +249,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def _forward_loss(self, states: torch.Tensor, batch, counts: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tech = self.cfg.tech
-        tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
-        keep = batch.keep.to(self.device, non_blocking=True)
-        weights = self.cfg.train.head_weights
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if tech.rdrop_alpha > 0:
-                # R-Drop: one forward over the doubled batch = two passes with independent dropout.
-                b = states.shape[0]
-                out = self.model(torch.cat([states, states]), torch.cat([keep, keep]), batch.padded)
-                out_a = {k: v[:b] for k, v in out.items()}
-                out_b = {k: v[b:] for k, v in out.items()}
-                la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
-                lb, pb = task_loss(out_b, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
-                cons = rdrop_consistency(out_a, out_b, tgt, counts)
-                loss = 0.5 * (la + lb) + tech.rdrop_alpha * cons
-                parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
-                parts["rdrop"] = cons
-                parts["task"] = 0.5 * (la + lb)
-            else:
-                out = self.model(states, keep, batch.padded)
-                loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
-                parts = dict(parts)
-                parts["task"] = loss
-        parts["loss"] = loss
-        return loss, {k: v.detach().float() for k, v in parts.items()}
-
     def accumulate(self, step: list[int]) -> dict[str, torch.Tensor]:
         """Forward and backward over one optimizer step's samples (this rank's share), cut into
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
         counts = self.train_data.head_counts(step)
+        self._step_counts = counts
         mine = shard(step, self.rank, self.world)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
             try:
-                parts_sum: dict[str, torch.Tensor] = {}
-                for mb in micro_batches(mine, self.train_data.lengths, self.micro_batch):
-                    if self.faults.get("oom_at_step") == self.global_step and attempt == 0:
-                        raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
-                    states, batch = self.features["train"](mb)
-                    loss, parts = self._forward_loss(states, batch, counts)
-                    loss.backward()
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
-                return parts_sum
+                return self._accumulate(mine, counts, attempt)
             except torch.OutOfMemoryError as exc:
                 attempt += 1
                 self._recover_from_oom(exc, attempt)
                 if rng is not None:
                     restore_rng(rng)
 
+    def _accumulate(self, mine: list[int], counts: dict[str, int], attempt: int) -> dict[str, torch.Tensor]:
+        tech, weights = self.cfg.tech, self.cfg.train.head_weights
+        inv = inverse_counts(counts, self.device) if self.graphs is not None else None
+        parts_sum: dict[str, torch.Tensor] = {}
+        for mb in micro_batches(mine, self.train_data.lengths, self.micro_batch, self.micro_batch_tokens):
+            if self.faults.get("oom_at_step") == self.global_step and attempt == 0:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
+            states, batch = self.features["train"](mb)
+            keep = batch.keep.to(self.device, non_blocking=True)
+            tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
+            if self.graphs is not None:
+                parts = self.graphs(states, keep, tgt, inv)
+            else:
+                loss, parts = forward_loss(self.model, states, keep, batch.padded, tgt, counts, tech, weights,
+                                           self.dtype)
+                loss.backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
+        return parts_sum
+
+    @property
+    def checkpointing(self) -> bool:
+        return any(getattr(m, "checkpointing", False) for m in self.model.modules())
+
+    def set_checkpointing(self, on: bool) -> None:
+        from redheart.model.network import Stack
+
+        for m in self.model.modules():
+            if isinstance(m, Stack):
+                m.checkpointing = on
+
+    def enable_swap(self) -> None:
+        """Move the optimizer (and EMA) to CPU memory mid-run, keeping their exact state."""
+        state, sched = self.optimizer.state_dict(), self.scheduler.state_dict()
+        self.optimizer = None
+        gc.collect()
+        self.optimizer = build_optimizer(self.model, self.cfg, self.lr, self.device, swap=True)
+        self.optimizer.load_state_dict(state)
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, self.cfg.train.warmup_ratio,
+                                       self.cfg.train.min_lr_ratio)
+        self.scheduler.load_state_dict(sched)
+        if self.ema is not None and self.ema.device.type != "cpu":
+            self.ema.move_to(torch.device("cpu"))
+        self.set_checkpointing(True)
+        if self.graphs is not None:
+            self.graphs.reset()
+            self.graphs = None
+        self.swap = True
+        torch.cuda.empty_cache()
+
+    def zero_grad(self) -> None:
+        """Clear the gradients; in place while CUDA graphs hold their buffers, else set to None."""
+        if self.graphs is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def _recover_from_oom(self, exc: Exception, attempt: int) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphs is not None:
+            self.graphs.reset()
+        self.zero_grad()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -244,10 +338,18 @@ class Trainer:
                  "memory": memory.sample(self.device)}
         if before > 1 and attempt <= self.cfg.memory.max_oom_retries:
             self.micro_batch = max(1, before // 2)
+            self.micro_batch_tokens //= 2
             event["action"] = f"retry with micro-batch {self.micro_batch} (accumulation x{before // self.micro_batch})"
             event["micro_batch_after"] = self.micro_batch
             self.oom_events.append(event)
             log.warning("out of memory at step %d: %s", self.global_step, event["action"])
+            return
+        if not self.swap and self.cfg.memory.swap != "off" and self.device.type == "cuda":
+            self.enable_swap()
+            event["action"] = "Dynamic Swap Manager on (optimizer state to CPU memory), activation checkpointing on"
+            event["micro_batch_after"] = before
+            self.oom_events.append(event)
+            log.warning("out of memory at step %d with micro-batch %d: %s", self.global_step, before, event["action"])
             return
         event["action"] = "stop"
         event["micro_batch_after"] = before
@@ -258,25 +360,41 @@ class Trainer:
             f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
             f"--set memory.swap=on: --resume {path}", path, code=4)
 
-    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool:
-        """Clip, step (unless the gradient is not finite), schedule, EMA. Returns whether applied."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> bool:
+        """Clip and step `optimizer` unless the loss or gradient is not finite; clear gradients.
+
+        A head without targets in this step takes no part in it (no decay, no momentum), as in
+        the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
+        """
+        idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
+        hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
+        for p in hidden:
+            p.grad = None
+        params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         finite = bool(torch.isfinite(norm) & torch.isfinite(parts["loss"]))  # the one sync per step
         if finite:
-            self.optimizer.step()
+            optimizer.step()
+        for p, g in hidden.items():
+            p.grad = g
+        self.zero_grad()
+        parts["grad_norm"] = norm.detach().float()
+        return finite
+
+    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool:
+        """The update of a training step: AdamW, schedule, EMA; a non-finite step is skipped and counted."""
+        finite = self.apply_update(self.optimizer, parts)
+        if finite:
             self.scheduler.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.model, self.optimizer.cpu_of if self.swap else None)
             self.bad_steps_in_row = 0
         else:
             self.bad_steps_total += 1
             self.bad_steps_in_row += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
                         self.global_step, self.bad_steps_in_row, self.bad_steps_total)
-        self.optimizer.zero_grad(set_to_none=True)
-        parts["grad_norm"] = norm.detach().float()
         return finite
 
     # ------------------------------------------------------------------ epochs
@@ -295,11 +413,14 @@ class Trainer:
                 step = plan[i]
                 self.model.train()
                 parts = self.accumulate(step)
+                if self.faults:
+                    self._inject_numeric_fault(parts)
                 applied = self.optimizer_step(parts)
                 self.global_step += 1
                 self.step_in_epoch = i + 1
-                self.epoch_stats.add(parts)
-                self.epoch_stats.steps += 1
+                if applied:  # a skipped step's non-finite loss would make the epoch's mean NaN
+                    self.epoch_stats.add(parts)
+                    self.epoch_stats.steps += 1
                 self.epoch_stats.samples += len(step)
                 self.epoch_stats.tokens += int(self.train_data.lengths[step].sum())
                 if cfg.memory.monitor:
@@ -322,10 +443,22 @@ class Trainer:
             self.step_in_epoch = 0
             self.finished = self.epoch == cfg.train.epochs
             self.end_of_epoch()
+            if self.stop.requested and not self.finished:  # the signal came while the epoch was closing
+                raise TrainingStopped(f"stopped by {self.stop.signal_name} at the end of epoch {epoch}",
+                                      self.last_resume_path, code=75)
         if not self.finished:  # a resumed run that had already finished: record that once
             self.finished = True
             self.save_resume_state()
         return self.history
+
+    def _inject_numeric_fault(self, parts: dict[str, torch.Tensor]) -> None:
+        """Test hooks (REDHEART_FAULTS): {"nan_at_steps": [3]} makes the loss of global step 3 (as
+        the log counts them) NaN; {"inf_grad_at_steps": [3]} puts an Inf into a gradient."""
+        if self.global_step in self.faults.get("nan_at_steps", ()):
+            parts["loss"] = parts["loss"] * float("nan")
+        if self.global_step in self.faults.get("inf_grad_at_steps", ()):
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
 
     def end_of_epoch(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -345,7 +478,10 @@ class Trainer:
             "timestamp": iso_now(),
         }
         self.history.append(record)
-        self.write_metrics()
+        try:
+            self.write_metrics()
+        except ckio.CheckpointError as exc:  # the history is in the resume state too
+            log.error("metrics record not updated (training continues): %s", exc)
         log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s | %.0fs", self.epoch,
                  cfg.train.epochs, train.get("loss", float("nan")), val["loss"],
                  f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"], seconds)
@@ -387,12 +523,23 @@ class Trainer:
         except ckio.CheckpointError as exc:
             log.error("epoch %d snapshot not saved (training continues): %s", self.epoch, exc)
             return None
-        entries = ckio.read_metadata(self.paths.checkpoints)
-        entries.append({"epoch": self.epoch, "lr": lr, "path": str(path), "file": path.name,
-                        "timestamp": iso_now(), "sha256": info["sha256"], "size_bytes": info["size"],
-                        "run_id": self.paths.run_id, "global_step": self.global_step,
-                        "weights": self.cfg.train.snapshot_weights, "metrics": metrics})
-        self.prune(entries)
+        try:
+            try:
+                entries = ckio.read_metadata(self.paths.checkpoints)
+            except ckio.CheckpointError as exc:
+                log.error("%s", exc)
+                entries = ckio.rebuild_metadata(self.paths.checkpoints)
+            # an epoch redone after a crash has the same file name: its old entry goes
+            entries = [e for e in entries if e["path"] != str(path)]
+            entries.append({"epoch": self.epoch, "lr": lr, "path": str(path), "file": path.name,
+                            "timestamp": iso_now(), "sha256": info["sha256"], "size_bytes": info["size"],
+                            "run_id": self.paths.run_id, "global_step": self.global_step,
+                            "weights": self.cfg.train.snapshot_weights, "metrics": metrics})
+            self.prune(entries)
+        except ckio.CheckpointError as exc:
+            log.error("metadata.json not updated (training continues; %s is on disk but not listed): %s",
+                      path.name, exc)
+            return None
         log.info("saved %s (%.1f MiB)", path.name, info["size"] / 2**20)
         return str(path)
 
@@ -405,13 +552,13 @@ class Trainer:
         if len(self.pins) > self.cfg.train.keep_checkpoints:
             log.warning("%d snapshots are pinned by Sweet Spot, more than keep_checkpoints=%d: all kept",
                         len(self.pins), self.cfg.train.keep_checkpoints)
-        for p in doomed:
+        ckio.write_metadata(self.paths.checkpoints, [e for e in entries if e["path"] not in doomed])
+        for p in doomed:  # after the list is written, so that it never names a deleted file
             try:
                 Path(p).unlink(missing_ok=True)
                 log.info("retention: deleted %s", p)
             except OSError as exc:
                 log.warning("retention: could not delete %s: %s", p, exc)
-        ckio.write_metadata(self.paths.checkpoints, [e for e in entries if e["path"] not in doomed])
 
     def resume_state(self) -> dict[str, Any]:
         return {
@@ -428,26 +575,43 @@ class Trainer:
         }
 
     def save_resume_state(self) -> str | None:
+        """Write a resume state and register it; the registry keeps the newest
+        `train.resume_states_kept`. On failure the previous states stay as they were and None
+        comes back (also in `last_resume_path`)."""
+        self.last_resume_path = None
         path = self.paths.resume_path(self.global_step)
         try:
             info = ckio.atomic_save(self.resume_state(), path)
         except ckio.CheckpointError as exc:
             log.error("resume state not saved (the previous one is kept): %s", exc)
             return None
-        entries = [e for e in read_registry(self.paths.root) if e["path"] != str(path)]
+        entries = [e for e in read_registry(self.paths.root) if e["path"] != str(path) and Path(e["path"]).is_file()]
         entries.append({"path": str(path), "sha256": info["sha256"], "size_bytes": info["size"],
                         "run_id": self.paths.run_id, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                         "global_step": self.global_step, "finished": self.finished, "timestamp": iso_now()})
         keep = self.cfg.train.resume_states_kept
         old, entries = entries[:-keep], entries[-keep:]
-        write_registry(self.paths.root, entries)
-        for e in old:
-            Path(e["path"]).unlink(missing_ok=True)
+        try:
+            write_registry(self.paths.root, entries)
+        except ckio.CheckpointError as exc:  # unregistered, its checksum is nowhere: never use it
+            log.error("resume state not saved (the previous one is kept): %s", exc)
+            path.unlink(missing_ok=True)
+            return None
+        listed = {e["path"] for e in entries}
+        # the states dropped from the list, and this run's states a kill left unregistered
+        orphans = [str(p) for p in self.paths.checkpoints.glob(f"resume_state_{self.paths.run_id}_step*.pt")]
+        for p in {e["path"] for e in old} | set(orphans):
+            if p not in listed:
+                Path(p).unlink(missing_ok=True)
+        self.last_resume_path = str(path)
         return str(path)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue exactly from a resume state."""
         self.model.load_state_dict(state["model_state"])
+        oom_events = list(state["oom_events"])
+        if not self.swap and any(str(e.get("action", "")).startswith("Dynamic Swap Manager") for e in oom_events):
+            self.enable_swap()  # an OOM had turned it on: go on as the interrupted run did
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
@@ -457,12 +621,14 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.micro_batch = int(state["micro_batch"])
+        retries = sum(1 for e in oom_events if str(e.get("action", "")).startswith("retry"))
+        self.micro_batch_tokens = int(state.get("micro_batch_tokens", self.cfg.train.micro_batch_tokens >> retries))
         self.lr = float(state["lr"])
         self.history = list(state["history"])
         self.epoch_stats = StepStats.from_state(state["epoch_stats"], self.device)
         self.bad_steps_total = int(state["bad_steps_total"])
         self.bad_steps_in_row = int(state["bad_steps_in_row"])
-        self.oom_events = list(state["oom_events"])
+        self.oom_events = oom_events
         self.sweep_result = state.get("sweep")
         self.finished = bool(state["finished"])
         restore_rng(state["rng"])

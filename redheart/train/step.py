@@ -1,0 +1,132 @@
+"""One micro-batch: forward, losses (with R-Drop), backward; eagerly or as a CUDA graph.
+
+At micro-batch 2 a 730M-parameter step is bound by kernel launches, not arithmetic: the GPU
+waits for the host. `GraphedMicroSteps` captures forward + loss + backward once per input
+shape (lengths padded up to a multiple of `bucket` tokens, so a few shapes cover all texts)
+and replays the graph: one launch instead of thousands. Gradients accumulate in place into
+the parameters' persistent `.grad` buffers, so the graphs and the optimizer (and gradient
+accumulation across micro-batches) share them; they must never be set to None meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from redheart.config import HEADS, TechniqueConfig
+from redheart.train.losses import rdrop_consistency, task_loss
+
+log = logging.getLogger("redheart")
+
+TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "regret_mask", "surd", "surd_mask")
+
+
+def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,
+                 tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor, tech: TechniqueConfig,
+                 weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch and its components (detached, fp32)."""
+    with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                        cache_enabled=cache):
+        if tech.rdrop_alpha > 0:
+            # R-Drop: one forward over the doubled batch = two passes with independent dropout.
+            b = states.shape[0]
+            out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded)
+            out_a = {k: v[:b] for k, v in out.items()}
+            out_b = {k: v[b:] for k, v in out.items()}
+            la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+            lb, pb = task_loss(out_b, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+            cons = rdrop_consistency(out_a, out_b, tgt, counts)
+            task = 0.5 * (la + lb)
+            loss = task + tech.rdrop_alpha * cons
+            parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
+            parts["rdrop"] = cons
+        else:
+            out = model(states, keep, padded)
+            loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+            task = loss
+    parts = {**parts, "task": task, "loss": loss}
+    return loss, {k: v.detach().float() for k, v in parts.items()}
+
+
+def inverse_counts(counts: dict[str, int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([1.0 / counts[h] if counts[h] > 0 else 0.0 for h in HEADS], device=device)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    states: torch.Tensor
+    keep: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    inv: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class GraphedMicroSteps:
+    """Forward + loss + backward of a micro-batch as CUDA graphs, one per (batch, bucketed length)."""
+
+    def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
+                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32):
+        self.model, self.tech, self.weights, self.dtype = model, tech, weights, dtype
+        self.max_tokens, self.bucket = max_tokens, bucket
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def width(self, length: int) -> int:
+        return min(self.max_tokens, -(-length // self.bucket) * self.bucket)
+
+    def _run(self, g: _Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return forward_loss(self.model, g.states, g.keep, True, g.targets, g.inv, self.tech, self.weights,
+                            self.dtype, cache=False)
+
+    def _capture(self, b: int, width: int, dim: int, states_dtype: torch.dtype, device: torch.device) -> _Graph:
+        for p in self.model.parameters():  # backward must accumulate in place, never allocate
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved = [p.grad.clone() for p in self.model.parameters() if p.requires_grad]
+        tg = {"emotion": torch.full((b, 7), 1 / 7), "bentham": torch.full((b, 10), 0.5),
+              "regret": torch.full((b,), 0.5), "surd": torch.full((b, 4), 0.25),
+              "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
+              "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.ones(b, dtype=torch.bool)}
+        g = _Graph(torch.cuda.CUDAGraph(), torch.randn(b, width, dim, device=device).to(states_dtype),
+                   torch.ones(b, width, dtype=torch.bool, device=device),
+                   {k: v.to(device) for k, v in tg.items()}, torch.full((len(HEADS),), 1.0 / b, device=device), {})
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning)
+            for _ in range(2):
+                loss, _ = self._run(g)
+                loss.backward()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            loss, g.parts = self._run(g)
+            loss.backward()
+        with torch.no_grad():  # undo the warm-up's gradients (the capture itself computed nothing)
+            torch._foreach_copy_([p.grad for p in self.model.parameters() if p.requires_grad], saved)
+        log.debug("captured a CUDA graph for micro-batch %d x %d tokens", b, width)
+        return g
+
+    def __call__(self, states: torch.Tensor, keep: torch.Tensor, tgt: dict[str, torch.Tensor],
+                 inv: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, n, dim = states.shape
+        width = self.width(n)
+        key = (b, width)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(b, width, dim, states.dtype, states.device)
+        g = self.graphs[key]
+        g.states.zero_()
+        g.states[:, :n].copy_(states, non_blocking=True)
+        g.keep.zero_()
+        g.keep[:, :n].copy_(keep, non_blocking=True)
+        for k in TARGET_KEYS:
+            g.targets[k].copy_(tgt[k], non_blocking=True)
+        g.inv.copy_(inv, non_blocking=True)
+        g.graph.replay()
+        return {k: v.clone() for k, v in g.parts.items()}
+
+    def reset(self) -> None:
+        """Drop every graph (and its memory), e.g. after an out-of-memory error."""
+        self.graphs.clear()
