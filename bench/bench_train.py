@@ -103,9 +103,9 @@ def main() -> int:
                 losses.append(parts["loss"])
             sync(device)
             seconds = time.perf_counter() - t0
-        except torch.OutOfMemoryError as exc:
-            print(f"{name}: out of memory: {str(exc).splitlines()[0]}", flush=True)
-            results.append({"name": name, "config": pairs, "oom": True})
+        except Exception as exc:  # one failing variant must not lose the others' figures
+            print(f"{name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+            results.append({"name": name, "config": pairs, "error": f"{type(exc).__name__}: {exc}"[:500]})
             del trainer
             continue
         timed = steps[args.warmup:]
@@ -129,8 +129,8 @@ def main() -> int:
     print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        if r.get("oom"):
-            print(f"| {r['name']} | OOM | | | | |")
+        if r.get("error"):
+            print(f"| {r['name']} | failed: {r['error'][:60]} | | | | |")
         else:
             print(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
                   f"{r['step_s']:.2f} | {r['peak_gib']:.1f} |")

@@ -1,4 +1,7 @@
-"""`redheart crossover RUN_DIR` and `redheart plot RUN_DIR`: analysis of a finished run."""
+"""`redheart crossover RUN_DIR` and `redheart plot RUN_DIR`: analysis of a finished run.
+
+`plot` prints one JSON line: {"path": PNG, "panels": number of panels drawn with data}.
+"""
 from __future__ import annotations
 
 import json
@@ -28,7 +31,10 @@ def newest_run(root: Path, run_id: str | None) -> str:
 def read_history(paths: RunPaths) -> list[dict]:
     if not paths.metrics_file.is_file():
         raise ckio.CheckpointError(f"no metrics record {paths.metrics_file}")
-    return [json.loads(line) for line in paths.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    history = [json.loads(line) for line in paths.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not history:
+        raise ckio.CheckpointError(f"{paths.metrics_file} holds no epoch yet: nothing to plot")
+    return history
 
 
 def crossover_command(args) -> int:
@@ -68,5 +74,5 @@ def plot_command(args) -> int:
             spots = doc["modules"]
             break
     out = Path(args.out) if args.out else paths.logs / f"training_curves_{paths.run_id}.png"
-    print(plot_training_curves(history, out, spots))
+    print(json.dumps(plot_training_curves(history, out, spots, dpi=args.dpi)))
     return 0

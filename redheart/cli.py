@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plot", help="draw the training curves of a run from its metrics record")
     sp.add_argument("run_dir", nargs="?", default="training")
     sp.add_argument("--run-id")
-    sp.add_argument("--out", help="output PNG path")
+    sp.add_argument("--out", help="output PNG path (default: logs/training_curves_<run>.png in the run directory)")
+    sp.add_argument("--dpi", type=float, default=100, help="image resolution, dots per inch (default 100: 1300x1000 pixels)")
     return p
 
 

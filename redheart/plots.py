@@ -1,8 +1,14 @@
 """Plots (matplotlib, PNG) in one style: the LR sweep, each module's Sweet Spot, the training
-curves of a run from its metrics record, and memory over steps."""
+curves of a run from its metrics record, and memory over steps.
+
+The style: integer ticks on epoch axes, units in the axis labels, log scales for learning
+rates, and legends outside the data (beside the axes, above the panels, or in headroom the
+axes keep free for them), so no curve is hidden behind one.
+"""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +16,42 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-         "axes.spines.right": False, "font.size": 9, "legend.fontsize": 8, "axes.titlesize": 10}
+STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
+         "axes.spines.top": False, "axes.spines.right": False, "font.size": 9, "legend.fontsize": 8,
+         "axes.titlesize": 10, "lines.markersize": 4}
 
-HEAD_PANELS = [  # (title, train key, val keys, y label)
-    ("Combined loss", "loss", ["loss"], "loss"),
-    ("Emotion", "emotion", ["emotion_loss"], "cross-entropy"),
-    ("Emotion accuracy / macro-F1", None, ["emotion_acc", "emotion_f1"], "score"),
-    ("Bentham", "bentham", ["bentham_loss"], "MSE"),
-    ("Regret", "regret", ["regret_loss"], "MSE"),
-    ("SURD", "surd", ["surd_loss"], "cross-entropy"),
+# One look per series everywhere: raw and EMA validation share a colour, EMA is dashed and hollow.
+TRAIN = dict(color="tab:blue", ls="-", marker="o")
+VAL = dict(color="tab:orange", ls="-", marker="o")
+VAL_EMA = dict(color="tab:orange", ls="--", marker="s", mfc="none")
+SWEET = dict(color="tab:green", ls=":", lw=1.8)
+
+METRIC_LABELS = {  # validation metric -> axis label with its unit
+    "loss": "combined loss (weighted sum of head losses)",
+    "emotion_loss": "emotion cross-entropy (nats)",
+    "bentham_loss": "Bentham MSE (targets in [0, 1])",
+    "regret_loss": "regret MSE (target in [0, 1])",
+    "surd_loss": "SURD cross-entropy (nats)",
+}
+
+HEAD_PANELS = [  # (title, train key, validation key, y label, module whose sweet spot it shows)
+    ("Combined loss", "task", "loss", "loss (weighted sum of heads)", "backbone"),
+    ("Emotion", "emotion", "emotion_loss", "cross-entropy (nats)", "emotion"),
+    ("Bentham", "bentham", "bentham_loss", "MSE (targets in [0, 1])", "bentham"),
+    ("Regret", "regret", "regret_loss", "MSE (target in [0, 1])", "regret"),
+    ("SURD", "surd", "surd_loss", "cross-entropy (nats)", "surd"),
 ]
+PANELS = 9  # the five heads' losses, emotion accuracy/F1, LR, throughput, memory
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig: Figure, path: Path, dpi: float | None = None) -> str:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi or "figure")
     plt.close(fig)
     return str(path)
 
@@ -37,94 +61,209 @@ def _finite(xs, ys):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_lr_sweep(result: dict[str, Any], path: Path) -> str:
+def _integer_x(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_beside(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _legend_in_headroom(ax, top: float | None = None, ncol: int = 2) -> None:
+    """Raise the top of the y-axis by a third and put the legend in that free band."""
+    lo, hi = ax.get_ylim()
+    hi = top if top is not None else hi
+    ax.set_ylim(lo, hi + (hi - lo) * 0.35)
+    ax.legend(loc="upper center", ncol=ncol, framealpha=0.9)
+
+
+# ---------------------------------------------------------------------------------------- LR sweep
+
+
+def plot_lr_sweep(result: dict[str, Any], path: Path, dpi: float | None = None) -> str:
     with plt.rc_context(STYLE):
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        for p in result["points"]:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+        for p in sorted(result["points"], key=lambda p: p["lr"]):
             xs, ys = _finite(p["steps"], p["curve"])
-            style = "--" if p.get("diverged") else "-"
-            a.plot(xs, ys, style, marker="o", ms=3, label=f"lr {p['lr']:.1e}" + (" (diverged)" if p.get("diverged") else ""))
-        a.axhline(result["start_loss"], color="grey", lw=0.8, ls=":", label="start")
-        a.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss per learning rate")
-        a.legend()
-        ok = [p for p in result["points"] if not p.get("diverged")]
+            label = f"LR {p['lr']:.1e}" + (" (diverged)" if p.get("diverged") else "")
+            a.plot(xs, ys, "--" if p.get("diverged") else "-", marker="o", label=label)
+        a.axhline(result["start_loss"], color="grey", lw=0.8, ls=":", label="before training")
+        a.set(xlabel="optimizer step of the sweep run", ylabel="validation loss (weighted sum of heads)",
+              title="Validation loss per learning rate")
+        _integer_x(a)
+        _legend_beside(a)
+        ok = sorted((p for p in result["points"] if not p.get("diverged")), key=lambda p: p["lr"])
         bad = [p for p in result["points"] if p.get("diverged")]
-        b.plot([p["lr"] for p in sorted(ok, key=lambda p: p["lr"])],
-               [p["score"] for p in sorted(ok, key=lambda p: p["lr"])], "o-", label="score")
+        b.plot([p["lr"] for p in ok], [p["score"] for p in ok], "o-", color="tab:blue", label="score")
         if bad:
             top = max([p["score"] for p in ok] + [result["start_loss"]])
-            b.plot([p["lr"] for p in bad], [top] * len(bad), "x", color="red", ms=8, label="diverged")
+            b.plot([p["lr"] for p in bad], [top] * len(bad), "x", color="tab:red", ms=8, label="diverged")
         if result.get("selected") is not None:
-            b.axvline(result["selected"], color="green", ls="--", label=f"chosen {result['selected']:.1e}")
+            b.axvline(result["selected"], color=SWEET["color"], ls="--", label=f"chosen {result['selected']:.1e}")
         b.set_xscale("log")
-        b.set(xlabel="learning rate (log scale)", ylabel="score: mean of last validation losses",
-              title="Sweep score vs learning rate")
-        b.legend()
-        return _save(fig, path)
+        b.set(xlabel="learning rate (log scale)", ylabel="score: mean of the last validation losses",
+              title="Sweep score per learning rate (lower is better)")
+        _legend_beside(b)
+        return _save(fig, path, dpi)
 
 
-def plot_sweet_spot(module: str, res: dict[str, Any], path: Path) -> str:
+# ---------------------------------------------------------------------------------------- Sweet Spot
+
+
+def plot_sweet_spot(module: str, res: dict[str, Any], path: Path, dpi: float | None = None) -> str:
     from redheart.ckpt.sweetspot import smooth_curve
 
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
         ep, vals = res["curve"]["epochs"], res["curve"]["values"]
-        ax.plot(ep, vals, "o-", ms=3, alpha=0.6, label="validation")
+        ax.plot(ep, vals, label="validation", **VAL)
         if len(vals) >= 3:
-            ax.plot(ep, smooth_curve(vals, res.get("smoothing", 3)), "-", lw=2, label="smoothed")
+            ax.plot(ep, smooth_curve(vals, res.get("smoothing", 3)), "-", lw=2, color="tab:blue", label="smoothed")
+        plateau = res.get("plateau") or []
+        if len(plateau) > 1:
+            ax.axvspan(min(plateau) - 0.3, max(plateau) + 0.3, color=SWEET["color"], alpha=0.08,
+                       label="plateau (near the best)")
         if res.get("epoch") is not None:
-            ax.axvline(res["epoch"], color="green", ls="--",
-                       label=f"sweet spot: epoch {res['epoch']} (conf {res['confidence']:.2f})")
-        ax.set(xlabel="epoch", ylabel=f"validation {res['metric']}", title=f"Sweet Spot: {module}")
-        ax.legend()
-        return _save(fig, path)
+            ax.axvline(res["epoch"], **SWEET, label=f"sweet spot: epoch {res['epoch']} "
+                                                    f"(confidence {res['confidence']:.2f})")
+        ax.set(xlabel="epoch", ylabel=METRIC_LABELS.get(res["metric"], f"validation {res['metric']}"),
+               title=f"Sweet Spot: {module}")
+        _integer_x(ax)
+        _legend_beside(ax)
+        if res.get("reason"):
+            fig.text(0.01, 0.0, textwrap.fill(res["reason"], 130), fontsize=7, color="0.35", va="bottom")
+            fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
+        return _save(fig, path, dpi)
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path,
-                         sweet_spots: dict[str, Any] | None = None) -> str:
-    """Every head's train and validation (raw and EMA) curves, the LR, throughput and memory."""
+# ---------------------------------------------------------------------------------------- run curves
+
+
+def lr_series(history: list[dict[str, Any]]) -> tuple[list[int], list[float], str, int]:
+    """(optimizer steps, learning rates, what they are, how many were dropped) for a log axis.
+
+    Uses the per-step values an epoch record carries in `lr_steps` (the LR of each of the
+    epoch's optimizer steps, ending at its `global_step`), else each epoch's end-of-epoch LR.
+    Values <= 0 (a cosine that ends at 0) cannot sit on a log axis and are dropped and counted.
+    """
+    steps: list[int] = []
+    lrs: list[float] = []
+    per_step = all(r.get("lr_steps") for r in history)
+    for r in history:
+        if per_step:
+            first = int(r["global_step"]) - len(r["lr_steps"]) + 1
+            steps += range(first, first + len(r["lr_steps"]))
+            lrs += [float(v) for v in r["lr_steps"]]
+        else:
+            steps.append(int(r["global_step"]))
+            lrs.append(float(r["lr"]))
+    keep = [(s, v) for s, v in zip(steps, lrs) if math.isfinite(v) and v > 0]
+    what = "per optimizer step" if per_step else "at the end of each epoch"
+    return [k[0] for k in keep], [k[1] for k in keep], what, len(steps) - len(keep)
+
+
+def _memory_series(history: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
+    names = {"peak_gib": "GPU peak allocated", "reserved_gib": "GPU reserved", "rss_gib": "process RSS (CPU)"}
+    present = [k for k in names if any(k in (r.get("memory") or {}) for r in history)]
+    return [(names[k], [(r.get("memory") or {}).get(k) for r in history]) for k in present]
+
+
+def training_curves_figure(history: list[dict[str, Any]], sweet_spots: dict[str, Any] | None = None) -> Figure:
+    """The 3x3 figure of a run: each head's train and validation (raw and EMA) loss with its
+    sweet spot, emotion accuracy and macro-F1, the LR schedule, throughput and memory."""
+    if not history:
+        raise ValueError("the metrics record is empty: no epoch has finished yet")
     epochs = [r["epoch"] for r in history]
-    module_of_panel = {"Combined loss": "backbone", "Emotion": "emotion", "Bentham": "bentham",
-                       "Regret": "regret", "SURD": "surd"}
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(3, 3, figsize=(13, 10))
-        axes = axes.ravel()
-        for ax, (title, tkey, vkeys, ylabel) in zip(axes, HEAD_PANELS):
-            if tkey is not None:
-                ax.plot(*_finite(epochs, [r["train"].get(tkey) for r in history]), "o-", ms=3, label="train")
-            for vk in vkeys:
-                ax.plot(*_finite(epochs, [r["val"].get(vk) for r in history]), "o-", ms=3, label=f"val {vk}")
-                if any(r.get("val_ema") for r in history):
-                    ax.plot(*_finite(epochs, [(r.get("val_ema") or {}).get(vk) for r in history]), "s--",
-                            ms=3, alpha=0.8, label=f"val EMA {vk}")
-            module = module_of_panel.get(title)
-            if sweet_spots and module in sweet_spots and sweet_spots[module].get("epoch") is not None:
-                ax.axvline(sweet_spots[module]["epoch"], color="green", ls=":", label="sweet spot")
-            ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-            ax.legend()
-        ax = axes[6]
-        ax.plot(epochs, [r["lr"] for r in history], "o-", ms=3)
-        ax.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="LR")
+    has_ema = any(r.get("val_ema") for r in history)
+    spots = {m: s.get("epoch") if isinstance(s, dict) else s for m, s in (sweet_spots or {}).items()}
+    fig, grid = plt.subplots(3, 3, figsize=(13, 10), layout="constrained")
+    axes = list(grid.ravel())
+    order = [axes[0], axes[1], axes[3], axes[4], axes[5]]  # axes[2]: accuracy/F1 beside the emotion loss
+    for ax, (title, tkey, vkey, ylabel, module) in zip(order, HEAD_PANELS):
+        train = [r["train"].get(tkey, r["train"].get("loss") if tkey == "task" else None) for r in history]
+        ax.plot(*_finite(epochs, train), **TRAIN)
+        ax.plot(*_finite(epochs, [r["val"].get(vkey) for r in history]), **VAL)
+        if has_ema:
+            ax.plot(*_finite(epochs, [(r.get("val_ema") or {}).get(vkey) for r in history]), **VAL_EMA)
+        if spots.get(module) is not None:
+            ax.axvline(spots[module], **SWEET)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+
+    ax = axes[2]
+    for key, name, color in (("emotion_acc", "accuracy", "tab:red"), ("emotion_f1", "macro-F1", "tab:purple")):
+        ax.plot(*_finite(epochs, [r["val"].get(key) for r in history]), color=color, ls="-", marker="o",
+                label=f"{name}")
+        if has_ema:
+            ax.plot(*_finite(epochs, [(r.get("val_ema") or {}).get(key) for r in history]), color=color,
+                    ls="--", marker="s", mfc="none", label=f"{name}, EMA")
+    ax.set(title="Emotion accuracy and macro-F1 (validation)", xlabel="epoch", ylabel="score (0 to 1)")
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    _legend_in_headroom(ax, top=1.0)
+
+    ax = axes[6]
+    steps, lrs, what, dropped = lr_series(history)
+    ax.plot(steps, lrs, "-", color="tab:blue", marker="o" if len(steps) <= 60 else None)
+    if lrs:
         ax.set_yscale("log")
-        ax = axes[7]
-        ax.plot(epochs, [r["samples_per_s"] for r in history], "o-", ms=3, label="samples/s")
-        ax.set(title="Throughput", xlabel="epoch", ylabel="samples / s")
-        ax.legend()
-        ax = axes[8]
-        mem_key = "peak_gib" if "peak_gib" in history[0]["memory"] else "rss_gib"
-        ax.plot(epochs, [r["memory"].get(mem_key) for r in history], "o-", ms=3, label=mem_key)
-        ax.set(title="Memory", xlabel="epoch", ylabel="GiB")
-        ax.legend()
-        return _save(fig, path)
+    note = f"\n({dropped} value{'s' if dropped > 1 else ''} of 0 not shown on the log axis)" if dropped else ""
+    ax.set(title=f"Learning rate {what}{note}", xlabel="optimizer step", ylabel="learning rate (log scale)")
+    ax.set_xlim(0, max(int(r["global_step"]) for r in history) + 1)
+
+    ax = axes[7]
+    ax.plot(*_finite(epochs, [r.get("samples_per_s") for r in history]), color="tab:blue", marker="o")
+    ax.set(title="Training throughput", xlabel="epoch", ylabel="samples / s")
+    ax.set_ylim(bottom=0)
+
+    ax = axes[8]
+    for (name, values), color in zip(_memory_series(history), ("tab:red", "tab:purple", "tab:gray")):
+        ax.plot(*_finite(epochs, values), color=color, marker="o", label=name)
+    ax.set(title="Memory at the end of each epoch", xlabel="epoch", ylabel="GiB")
+    ax.set_ylim(bottom=0)
+    if ax.lines:
+        _legend_in_headroom(ax, ncol=1)
+
+    for ax in axes:
+        _integer_x(ax)
+    handles = [Line2D([], [], label="train (mean over the epoch's steps)", **TRAIN),
+               Line2D([], [], label="validation, raw weights", **VAL)]
+    if has_ema:
+        handles.append(Line2D([], [], label="validation, EMA weights", **VAL_EMA))
+    if any(v is not None for v in spots.values()):
+        handles.append(Line2D([], [], label="sweet spot of the module", **SWEET))
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), frameon=False)
+    fig.text(0.5, 0.0, "Train losses include label smoothing and leave out the R-Drop term; validation "
+             "losses are measured without either, on the whole validation split.", ha="center", va="bottom",
+             fontsize=8, color="0.35")
+    fig.get_layout_engine().set(rect=(0, 0.02, 1, 0.98))
+    return fig
 
 
-def plot_memory(samples: list[dict[str, float]], path: Path) -> str:
+def panel_count(fig: Figure) -> int:
+    """Axes of the figure that show data."""
+    return sum(1 for ax in fig.axes if ax.has_data())
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: Path, sweet_spots: dict[str, Any] | None = None,
+                         dpi: float | None = None) -> dict[str, Any]:
+    """Draw and save the training curves; returns {"path", "panels"}."""
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig = training_curves_figure(history, sweet_spots)
+        panels = panel_count(fig)
+        return {"path": _save(fig, path, dpi), "panels": panels}
+
+
+def plot_memory(samples: list[dict[str, float]], path: Path, dpi: float | None = None) -> str:
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
         steps = [s["step"] for s in samples]
-        for key in ("allocated_gib", "reserved_gib", "peak_gib", "rss_gib"):
+        names = {"allocated_gib": "GPU allocated", "reserved_gib": "GPU reserved", "peak_gib": "GPU peak",
+                 "rss_gib": "process RSS (CPU)"}
+        for key, name in names.items():
             if key in samples[0]:
-                ax.plot(steps, [s[key] for s in samples], label=key.replace("_gib", ""))
-        ax.set(xlabel="optimizer step", ylabel="GiB", title="Memory per step")
-        ax.legend()
-        return _save(fig, path)
+                ax.plot(steps, [s[key] for s in samples], label=name)
+        ax.set(xlabel="optimizer step", ylabel="GiB", title="Memory per optimizer step")
+        ax.set_ylim(bottom=0)
+        _integer_x(ax)
+        _legend_beside(ax)
+        return _save(fig, path, dpi)

@@ -1,8 +1,13 @@
 """Using a trained model: texts in, the four heads out, by name.
 
     from redheart.predict import Predictor
-    p = Predictor("training/checkpoints_final/crossover_final.pth")
+    p = Predictor("training/checkpoints_final/crossover_final.pth")  # any checkpoint; CPU by default
     p(["I lied to my friend and she found out."])  # -> list of dicts
+    p("I lied to my friend and she found out.")    # -> one dict
+
+    redheart predict --checkpoint PATH "text" ...   # or --file texts.txt, or lines on stdin
+    # -> one JSON line per text: {"text", "emotion": {name: share}, "bentham": {name: value},
+    #    "regret": value, "surd": {name: share}}
 """
 from __future__ import annotations
 
@@ -28,12 +33,16 @@ class Predictor:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> list[dict[str, Any]]:
-        if not texts:
-            return []
+    def __call__(self, texts: list[str] | str) -> list[dict[str, Any]] | dict[str, Any]:
+        """One dict per text (one dict for a single string): `emotion` and `surd` as shares
+        summing to 1, `bentham` values in [0, 1] by name, `regret` in [0, 1]."""
+        if isinstance(texts, str):
+            return self([texts])[0]
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text {i + 1}: empty text")
+        if not texts:
+            return []
         data = TaskData([Record(id=str(i), text=t) for i, t in enumerate(texts)], self.tokenizer(texts))
         out: list[dict[str, Any]] = []
         for s in range(0, len(texts), self.batch_size):
@@ -56,15 +65,37 @@ class Predictor:
         return out
 
 
+def read_texts(args) -> list[str]:
+    """The texts of a `predict` call: the arguments, else the lines of --file, else of stdin
+    (blank lines skipped). Raises ValueError when there is none to read."""
+    if args.texts:
+        return list(args.texts)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise ValueError(f"--file {args.file}: {exc.strerror or exc}") from None
+        where = f"--file {args.file}"
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no texts given: pass them as arguments, with --file, or one a line on stdin")
+    else:
+        lines = sys.stdin.read().splitlines()
+        where = "stdin"
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ValueError(f"no texts given: {where} holds no non-blank line")
+    return texts
+
+
 def predict_command(args) -> int:
-    texts = list(args.texts)
-    if not texts:
-        src = open(args.file, encoding="utf-8") if args.file else sys.stdin
-        with src:
-            texts = [line.rstrip("\n") for line in src if line.strip()]
-    if not texts:
-        print("error: no texts given (as arguments, --file, or lines on stdin)", file=sys.stderr)
+    """JSON lines on stdout, one per text; a usage error is one line on stderr and exit code 2."""
+    try:
+        texts = read_texts(args)
+        rows = Predictor(args.checkpoint, args.device)(texts)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    for row in Predictor(args.checkpoint, args.device)(texts):
+    for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     return 0

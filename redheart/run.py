@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,16 @@ from typing import Any
 
 from redheart.ckpt import io as ckio
 from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, set_aside, timestamp
-from redheart.config import Config
-from redheart.runlog import Progress, setup_logging
+from redheart.config import HEADS, MODULES, Config
+from redheart.runlog import Progress, duration, setup_logging
 from redheart.session import build_session
 from redheart.train import memory
 from redheart.train.trainer import StopFlag, Trainer, TrainingStopped
 
 log = logging.getLogger("redheart")
+
+
+REPEAT_GRACE_S = 1.0  # a repeat of the stop signal within this many seconds is the same request
 
 
 class UsageError(RuntimeError):
@@ -100,17 +104,27 @@ def recorded_sha256(path: Path) -> str | None:
 def install_signal_handlers(stop: StopFlag, training: Callable[[], bool]) -> None:
     """First SIGTERM/SIGINT while training: finish the current optimizer step, save a resumable
     state, exit 75. Before training has begun (setup, LR sweep) nothing new would be saved, so it
-    stops at once, also with 75. A second signal takes the default action: the process ends."""
+    stops at once, also with 75. A second signal ends the process at once, unless it comes within
+    REPEAT_GRACE_S of the first: GNU `timeout` sends its signal twice (to the child, then to its
+    process group), and that must not turn a clean stop into a kill."""
+    first: list[float] = []
 
     def handler(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        if first:
+            if time.monotonic() - first[0] < REPEAT_GRACE_S:
+                return
+            log.warning("%s received again: stopping at once", name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first.append(time.monotonic())
         stop.requested = True
-        stop.signal_name = signal.Signals(signum).name
+        stop.signal_name = name
         if not training():
-            raise TrainingStopped(f"stopped by {stop.signal_name} before training began", None, code=75)
+            raise TrainingStopped(f"stopped by {name} before training began", None, code=75)
         log.warning("%s received: stopping after the current optimizer step with a resumable state "
-                    "(send it again to stop at once)", stop.signal_name)
+                    "(send it again to stop at once)", name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -140,44 +154,85 @@ def report_stop(stopped: TrainingStopped, paths: RunPaths, mode: str) -> None:
 
 
 def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> str:
+    """One screen before training: model, device and memory, data per head, the schedule, outputs."""
     counts = session.data.head_counts()
-    est = memory.estimate(cfg, trainer.param_counts["total"])
+    pc = trainer.param_counts
+    est = memory.estimate(cfg, pc["total"])
     gpu = memory.device_memory_gib(session.device)
+    t = cfg.train
+    sources = ", ".join(cfg.data.paths) if cfg.data.paths else "the shipped sample dataset"
+    lr = (f"peak LR chosen by the LR sweep ({cfg.sweep.points} rates in [{cfg.sweep.lr_min:.0e}, "
+          f"{cfg.sweep.lr_max:.0e}])" if cfg.sweep.enabled else f"peak LR {t.lr:.1e}")
     lines = [
         f"Red Heart AI training run {paths.run_id}",
-        f"  preset {cfg.preset}: {trainer.param_counts['total'] / 1e6:.1f}M trainable parameters ("
-        + ", ".join(f"{m} {trainer.param_counts[m] / 1e6:.1f}M" for m in ("backbone", "emotion", "bentham", "regret", "surd")) + ")",
-        f"  device {session.device}" + (f" ({gpu:.0f} GiB)" if gpu else "") + f", precision "
-        f"{'bf16 autocast' if trainer.dtype is not None else 'fp32'}, estimated training memory {est['total_gib']:.1f} GiB",
-        f"  data: " + "; ".join(f"{s} {c['records']} (emotion {c['emotion']}, bentham {c['bentham']}, regret {c['regret']}, surd {c['surd']})"
-                                for s, c in counts.items()),
-        f"  {cfg.train.epochs} epochs x {trainer.steps_per_epoch} optimizer steps; effective batch "
-        f"{cfg.effective_batch} = micro-batch {cfg.train.micro_batch} x accumulation {cfg.train.grad_accum}",
-        f"  techniques: label smoothing {cfg.tech.label_smoothing}, R-Drop alpha {cfg.tech.rdrop_alpha}, "
-        f"EMA decay {cfg.tech.ema_decay}; LR sweep {'on' if cfg.sweep.enabled else 'off'}",
-        f"  outputs under {paths.root}/ (log {paths.log_file.name}, metrics {paths.metrics_file.name})",
+        f"  model     preset {cfg.preset}: {pc['total'] / 1e6:.1f}M trainable parameters ("
+        + ", ".join(f"{m} {pc[m] / 1e6:.1f}M" for m in MODULES) + ")",
+        f"  device    {session.device}" + (f" ({gpu:.1f} GiB)" if gpu else "")
+        + f", {'bf16 autocast' if trainer.dtype is not None else 'fp32'}; estimated training memory "
+        f"{est['total_gib']:.1f} GiB" + (f" of {gpu:.1f}" if gpu else ""),
+        f"  data      {sources}",
+        f"            {'split':<6}{'records':>9}" + "".join(f"{h:>9}" for h in HEADS),
+        *(f"            {s:<6}{c['records']:>9}" + "".join(f"{c[h]:>9}" for h in HEADS) for s, c in counts.items()),
+        f"  training  {t.epochs} epochs x {trainer.steps_per_epoch} optimizer steps; effective batch "
+        f"{cfg.effective_batch} = micro-batch {t.micro_batch} x accumulation {t.grad_accum}; {lr}, "
+        f"warm-up {t.warmup_ratio:.0%} then cosine",
+        f"            label smoothing {cfg.tech.label_smoothing}, R-Drop alpha {cfg.tech.rdrop_alpha}, "
+        f"EMA decay {cfg.tech.ema_decay}; a snapshot every {t.save_every} epoch(s), at most {t.keep_checkpoints} kept",
+        f"  outputs   {paths.checkpoints}/",
+        f"            {paths.log_file}",
+        f"            {paths.metrics_file}",
+        f"            TensorBoard: tensorboard --logdir {paths.logs}",
     ]
     return "\n".join(lines)
 
 
+BEST_METRICS = [  # (validation metric, higher is better)
+    ("loss", False), ("emotion_acc", True), ("emotion_f1", True), ("bentham_mae", False),
+    ("bentham_r", True), ("regret_mae", False), ("regret_r", True), ("surd_mae", False),
+]
+
+
 def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str, Any] | None) -> str:
+    """One screen after training: each validation metric (final, best and its epoch, EMA), the
+    sweet spots, what the crossover gained, and where every file is."""
     last = history[-1]
-    best = min(history, key=lambda r: r["val"]["loss"])
-    lines = [f"Run {paths.run_id} finished: {len(history)} epochs",
-             f"  final val loss {last['val']['loss']:.4f}"
-             + (f", EMA {last['val_ema']['loss']:.4f}" if last.get("val_ema") else "")
-             + f"; best val loss {best['val']['loss']:.4f} at epoch {best['epoch']}"]
+    ema = last.get("val_ema") or {}
+    lines = [f"Run {paths.run_id} finished: {len(history)} epochs, {last['global_step']} optimizer steps, "
+             f"{duration(sum(r.get('seconds', 0) for r in history))} of training",
+             f"  {'validation':<13}{'final':>9}{'best':>9}{'epoch':>7}{'EMA final':>11}"]
+    for key, higher in BEST_METRICS:
+        pts = [(r["val"][key], r["epoch"]) for r in history if math.isfinite(r["val"].get(key, math.nan))]
+        if not pts:
+            continue
+        value, epoch = (max if higher else min)(pts, key=lambda p: p[0])
+        final = last["val"].get(key, math.nan)
+        lines.append(f"  {key:<13}{final:>9.4f}{value:>9.4f}{epoch:>7}"
+                     + (f"{ema[key]:>11.4f}" if key in ema else ""))
+    files = [("training curves", paths.logs / f"training_curves_{paths.run_id}.png"),
+             ("LR sweep", paths.sweep / f"lr_sweep_plot_{paths.run_id}.png")]
     if report:
         sc = report["scores"]
-        lines.append("  sweet spots: " + ", ".join(f"{m}@{e}" for m, e in report["sweet_spots"].items() if e))
-        lines.append(f"  crossover val loss {sc['crossover']['val']['loss']:.4f} vs best epoch "
-                     f"{sc['best_epoch']['val']['loss']:.4f}; sources: "
+        spots = report["sweet_spots"]
+        lines.append("  sweet spots (epoch): " + ", ".join(f"{m} {e if e is not None else '-'}" for m, e in spots.items()))
+        gain = sc["best_epoch"]["val"]["loss"] - sc["crossover"]["val"]["loss"]
+        lines.append(f"  crossover: val loss {sc['crossover']['val']['loss']:.4f} vs {sc['best_epoch']['val']['loss']:.4f} "
+                     f"for the best epoch {report['base_epoch']} (gain {gain:+.4f}); modules from "
                      + ", ".join(f"{m}={s}" for m, s in report["sources"].items()))
         if sc["crossover"].get("test"):
-            lines.append(f"  test loss: crossover {sc['crossover']['test']['loss']:.4f}, final epoch "
-                         f"{sc['final_epoch']['test']['loss']:.4f}"
-                         + (f", linear probe {sc['linear_probe']['test']['loss']:.4f}" if "linear_probe" in sc and "test" in sc["linear_probe"] else ""))
-    lines.append(f"  files: {paths.checkpoints}/, {paths.root / 'sweet_spot_analysis'}/, {paths.log_file}")
+            lines.append("  test loss: " + ", ".join(
+                f"{name.replace('_', ' ')} {sc[name]['test']['loss']:.4f}"
+                for name in ("crossover", "best_epoch", "final_epoch", "ema", "linear_probe")
+                if (sc.get(name) or {}).get("test")))
+        files = [("final model", Path(report["crossover_file"])),
+                 ("crossover report", paths.checkpoints / f"crossover_report_{paths.run_id}.txt"),
+                 ("sweet spots", paths.sweetspot / f"sweet_spot_report_{paths.run_id}.txt"),
+                 ("sweet spot plots", paths.sweetspot / "plots"), *files]
+    files += [("checkpoints", paths.checkpoints / "metadata.json"), ("log", paths.log_file),
+              ("metrics", paths.metrics_file), ("TensorBoard", paths.tensorboard)]
+    lines.append("  files:")
+    lines += [f"    {name:<17}{path}" for name, path in files if path.exists()]
+    if report:
+        lines.append(f"  use it: bash run_learning.sh predict --checkpoint {report['crossover_file']} \"some text\"")
     return "\n".join(lines)
 
 

@@ -20,8 +20,9 @@ def setup_logging(debug: bool = False, log_file: Path | None = None) -> None:
         if isinstance(h, logging.FileHandler) or getattr(h, "_redheart_console", False):
             log.removeHandler(h)
             h.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _Console(sys.stderr)
     console.setFormatter(logging.Formatter(_FMT, "%H:%M:%S"))
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     console._redheart_console = True  # type: ignore[attr-defined]
     log.addHandler(console)
     if log_file is not None:
@@ -31,9 +32,40 @@ def setup_logging(debug: bool = False, log_file: Path | None = None) -> None:
         log.addHandler(fh)
 
 
+class _Console(logging.StreamHandler):
+    """The console: on a terminal, lines go through tqdm so they print above a running bar
+    instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.stream.isatty():
+            return super().emit(record)
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m07s, 2h05m."""
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
-    """Per-epoch progress. `step()` is called after every optimizer step; it reads device values
-    (a host sync) only when it prints: every `every` steps, or every step with `verbose`."""
+    """Per-epoch progress, called by the trainer after every optimizer step.
+
+    On a terminal: a tqdm bar per epoch (steps, elapsed and the epoch's ETA) with the step's
+    loss, the LR, samples/s and the ETA of the whole run; the periodic lines below go to the
+    log file only. Under nohup or a pipe: those lines on the console too, every `every`
+    optimizer steps (every step with `verbose`, on a terminal as well). Device values are read
+    (a host sync) only for a step that is shown.
+    """
 
     def __init__(self, epochs: int, every: int, verbose: bool, interactive: bool | None = None):
         self.epochs, self.every, self.verbose = epochs, every, verbose
@@ -42,7 +74,7 @@ class Progress:
 
     def __call__(self, epoch: int, steps: int, start: int) -> "Progress":
         self.epoch, self.steps, self.done = epoch, steps, start
-        self.t0, self.samples, self.run_steps = time.time(), 0, 0
+        self.t0, self.run_steps = time.time(), 0
         if self.interactive:
             from tqdm import tqdm
 
@@ -50,28 +82,35 @@ class Progress:
                             dynamic_ncols=True, leave=True, file=sys.stderr)
         return self
 
+    def rates(self, trainer) -> tuple[float, float, float]:
+        """(samples/s, seconds left in this epoch, seconds left in the run) from this epoch's
+        steps so far; the run's ETA leaves out validation and checkpoint time."""
+        elapsed = max(time.time() - self.t0, 1e-9)
+        per_step = elapsed / max(self.run_steps, 1)
+        stats = trainer.epoch_stats
+        samples_per_step = stats.samples / max(stats.steps, 1)
+        left_epoch = (self.steps - self.done) * per_step
+        left_run = left_epoch + (self.epochs - self.epoch) * self.steps * per_step
+        return self.run_steps * samples_per_step / elapsed, left_epoch, left_run
+
     def step(self, trainer, parts, applied: bool) -> None:
         self.done += 1
         self.run_steps += 1
-        self.samples += trainer.cfg.effective_batch
-        show = self.verbose or self.done % self.every == 0 or self.done == self.steps
         if self.bar is not None:
             self.bar.update(1)
-            if show:
-                self.bar.set_postfix(loss=f"{float(parts['loss']):.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}",
-                                     sps=f"{self.samples / max(time.time() - self.t0, 1e-9):.1f}")
-            if self.verbose:
-                log.debug("step %d loss %.5f", trainer.global_step, float(parts["loss"]))
+        if not (self.verbose or self.done % self.every == 0 or self.done == self.steps):
             return
-        if show:
-            elapsed = time.time() - self.t0
-            rate = self.samples / max(elapsed, 1e-9)
-            eta = (self.steps - self.done) * elapsed / self.run_steps
-            comps = " ".join(f"{k}={float(v):.4f}" for k, v in parts.items()
-                             if k in ("loss", "rdrop", "emotion", "bentham", "regret", "surd"))
-            log.info("epoch %d step %d/%d (global %d) %s lr=%.2e %.1f samples/s eta %.0fs%s", self.epoch,
-                     self.done, self.steps, trainer.global_step, comps, trainer.scheduler.get_last_lr()[0],
-                     rate, eta, "" if applied else " [skipped: non-finite]")
+        lr = trainer.scheduler.get_last_lr()[0]
+        rate, left_epoch, left_run = self.rates(trainer)
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{float(parts['loss']):.4f}", "lr": f"{lr:.2e}",
+                                  "samples/s": f"{rate:.1f}", "run ETA": duration(left_run)})
+        comps = " ".join(f"{k}={float(v):.4f}" for k, v in parts.items()
+                         if k in ("loss", "rdrop", "emotion", "bentham", "regret", "surd", "grad_norm"))
+        log.info("epoch %d/%d step %d/%d (global %d) %s lr=%.2e %.1f samples/s eta %s (epoch), %s (run)%s",
+                 self.epoch, self.epochs, self.done, self.steps, trainer.global_step, comps, lr, rate,
+                 duration(left_epoch), duration(left_run), "" if applied else " [skipped: non-finite]",
+                 extra={"file_only": self.interactive and not self.verbose})
 
     def close(self) -> None:
         if self.bar is not None:

@@ -26,11 +26,18 @@ class TensorBoard:
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def epoch(self, record: dict[str, Any]) -> None:
+        """Every number of the record at step = epoch (`memory/t`, a clock reading, left out);
+        the per-step LRs of `lr_steps`, when the record has them, as `lr_per_step` at step =
+        optimizer step."""
         skip = {"epoch", "global_step", "timestamp"}
         for tag, value in flatten({k: v for k, v in record.items() if k not in skip}).items():
-            if tag.startswith("memory/t"):
+            if tag == "memory/t":
                 continue
             self.writer.add_scalar(tag, value, record["epoch"])
+        lrs = record.get("lr_steps") or []
+        first = int(record["global_step"]) - len(lrs) + 1
+        for i, lr in enumerate(lrs):
+            self.writer.add_scalar("lr_per_step", float(lr), first + i)
         self.writer.flush()
 
     def scalars(self, values: dict[str, float], step: int) -> None:

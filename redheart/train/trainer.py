@@ -472,6 +472,7 @@ class Trainer:
         record = {
             "epoch": self.epoch, "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
             "micro_batch": self.micro_batch, "train": train, "val": val, "val_ema": val_ema,
+            "samples": self.epoch_stats.samples,  # trained in this epoch, across any interruption
             "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
             "tokens_per_s": self.epoch_stats.tokens / max(seconds, 1e-9),
             "bad_steps": self.bad_steps_total, "memory": memory.sample(self.device),
