@@ -95,7 +95,7 @@ def main() -> int:
             lr_scheduler_type="cosine", max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
             optim="adamw_torch_fused" if cuda else "adamw_torch",
             logging_steps=10_000, save_strategy="no", report_to="none", remove_unused_columns=False,
-            dataloader_num_workers=0, disable_tqdm=True, seed=0)
+            dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=0)
         trainer = Trainer(model=model, args=targs, train_dataset=order, data_collator=Collate(source),
                           callbacks=[Clock()])
         if cuda:

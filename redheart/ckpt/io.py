@@ -37,17 +37,27 @@ _faults: dict[str, Any] = {}
 
 
 def set_faults(faults: dict[str, Any]) -> None:
-    """Test hooks: {"write_error": {"match": "NAME-PART", "after_bytes": N}} makes every write of
-    a file whose name contains NAME-PART fail with ENOSPC after N bytes; {"slow_write_s": S}
-    pauses S seconds inside each checkpoint write, with the temporary file half written."""
+    """Test hooks: {"write_error": {"match": "NAME-PART", "after_bytes": N, "skip": K}} makes the
+    writes of files whose name contains NAME-PART, after the first K of them, fail with ENOSPC
+    once N bytes are written; {"slow_write_s": S} pauses S seconds inside each checkpoint write,
+    its temporary file half written."""
     _faults.clear()
     _faults.update({k: v for k, v in faults.items() if k in ("write_error", "slow_write_s")})
+    if _faults:
+        _faults["matched"] = 0
 
 
-def _injected(path: Path, written: int) -> None:
+def _byte_limit(path: Path) -> int | None:
+    """How many bytes a write of `path` may put down before its injected failure (None: all)."""
     spec = _faults.get("write_error")
-    if spec and spec.get("match", "") in path.name and written >= int(spec.get("after_bytes", 0)):
-        raise OSError(errno.ENOSPC, "No space left on device (injected by a test)", str(path))
+    if not spec or spec.get("match", "") not in path.name:
+        return None
+    _faults["matched"] += 1
+    return int(spec.get("after_bytes", 0)) if _faults["matched"] > int(spec.get("skip", 0)) else None
+
+
+def _no_space(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device (injected by a test)", str(path))
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +67,7 @@ class CheckpointError(RuntimeError):
 class _HashingWriter(io.RawIOBase):
     def __init__(self, f, path: Path):
         self.f, self.path, self.sha, self.size = f, path, hashlib.sha256(), 0
+        self.limit = _byte_limit(path) if _faults else None
         self.paused = False
 
     def writable(self) -> bool:
@@ -64,7 +75,8 @@ class _HashingWriter(io.RawIOBase):
 
     def write(self, b) -> int:
         if _faults:
-            _injected(self.path, self.size + len(b))
+            if self.limit is not None and self.size + len(b) > self.limit:
+                raise _no_space(self.path)
             if _faults.get("slow_write_s") and not self.paused and self.size > 0:
                 self.paused = True
                 self.f.flush()
@@ -147,9 +159,11 @@ def atomic_write_text(text: str, path: Path) -> None:
     tmp = temp_name(path)
     try:
         data = text.encode("utf-8")
-        if _faults:
-            _injected(path, len(data))
+        limit = _byte_limit(path) if _faults else None
         with open(tmp, "wb") as f:
+            if limit is not None and len(data) > limit:
+                f.write(data[:limit])
+                raise _no_space(path)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

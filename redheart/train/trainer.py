@@ -142,7 +142,8 @@ def memory_cap_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     total = memory.device_memory_gib(device)
-    return total * torch.cuda.get_per_process_memory_fraction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return total * torch.cuda.get_per_process_memory_fraction(index)
 
 
 def plan_memory(cfg: Config, device: torch.device, params: int) -> tuple[bool, bool, str]:
