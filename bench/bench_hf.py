@@ -45,7 +45,7 @@ class Collate:
     def __call__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         d = self.source.data
         index = torch.tensor(idx)
-        states = pad_sequence([self.source.cached[i] for i in idx], batch_first=True)
+        states = pad_sequence([self.source.sample(i) for i in idx], batch_first=True)
         n = states.shape[1]
         keep = torch.arange(n)[None, :] < d.lengths[index][:, None]
         tgt = d.targets(index)

@@ -32,7 +32,7 @@ from redheart.train.trainer import Trainer  # noqa: E402
 SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
          "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
          "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
-         "length_group": "data.length_group_steps"}
+         "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens"}
 
 
 def sync(device: torch.device) -> None:
@@ -76,6 +76,8 @@ def main() -> int:
     results = []
     for spec in args.variant:
         name, pairs = parse_variant(spec)
+        cap = float(pairs.pop("cap", args.memory_cap_gib))  # per-variant GPU memory cap in GiB (0 = none)
+        n_warm, n_steps = int(pairs.pop("warmup", args.warmup)), int(pairs.pop("steps", args.steps))
         cfg = preset(args.preset)
         cfg.data.paths, cfg.data.max_records, cfg.train.device = args.data, args.records, device.type
         for k, v in pairs.items():
@@ -85,16 +87,16 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        if args.memory_cap_gib:
+        if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total) if cap else 1.0, device)
         trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
         plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
-        steps = [plan[i % len(plan)] for i in range(args.warmup + args.steps)]
+        steps = [plan[i % len(plan)] for i in range(n_warm + n_steps)]
         losses = []
         try:
             for i, step in enumerate(steps):
-                if i == args.warmup:
+                if i == n_warm:
                     sync(device)
                     t0 = time.perf_counter()
                 trainer.model.train()
@@ -108,24 +110,34 @@ def main() -> int:
             results.append({"name": name, "config": pairs, "error": f"{type(exc).__name__}: {exc}"[:500]})
             del trainer
             continue
-        timed = steps[args.warmup:]
+        timed = steps[n_warm:]
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
-        flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, session.features["train"].cached is None)
+        flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, not session.features["train"].cached)
                     for s in timed)
         r = {"name": name, "config": pairs, "samples_per_s": samples / seconds, "tokens_per_s": toks / seconds,
              "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
              "step_s": seconds / len(timed),
              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
-             "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses]}
+             "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses],
+             "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
+             "cap_gib": cap}
         results.append(r)
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
-              f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB", flush=True)
+              f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "
+              f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None})",
+              flush=True)
         del trainer
     doc = {"peak_tflops": peak, "preset": args.preset, "records": args.records, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
     Path(args.out).write_text(json.dumps(doc, indent=2))
+    curves = [r for r in results if "losses" in r and len(r["losses"]) >= 10]
+    for r in curves[1:]:
+        a, b = curves[0]["losses"], r["losses"]
+        n = min(len(a), len(b))
+        rel = max(abs(x - y) / abs(x) for x, y in zip(a[:n], b[:n]))
+        print(f"loss curve {r['name']} vs {curves[0]['name']} over {n} steps: max relative difference {rel:.2e}")
     print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import math
+import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,10 +253,19 @@ def train(cfg: Config, opts: RunOptions) -> int:
 
 def _train(cfg: Config, opts: RunOptions) -> int:
     ckio.set_faults(opts.faults)
-    setup_logging(opts.debug)  # the console, for what opening the run has to say
-    cfg, paths, state, warm = open_run(cfg, opts)
+    setup_logging(opts.debug)  # the console, for what opening the run has to say (skipped states, ...)
+    early = logging.handlers.BufferingHandler(10_000)
+    log.addHandler(early)
+    try:
+        cfg, paths, state, warm = open_run(cfg, opts)
+    finally:
+        log.removeHandler(early)
     paths.make()
     setup_logging(opts.debug, paths.log_file)
+    for handler in log.handlers:  # ... and into the log file once it is known
+        if isinstance(handler, logging.FileHandler):
+            for record in early.buffer:
+                handler.handle(record)
     clean_leftovers(paths)
     stop = StopFlag()
     training = [False]

@@ -42,9 +42,7 @@ def tiny_run(tmp_path_factory):
     from helpers import run, tiny_config
 
     root = tmp_path_factory.mktemp("tiny_run")
-    # micro-batch 8 x accumulation 2 keeps the effective batch 16 of the tiny preset, in fewer, faster calls
-    cfg = tiny_config(root, data__max_records=60, train__epochs=2, train__save_every=1,
-                      train__micro_batch=8, train__grad_accum=2)
+    cfg = tiny_config(root, data__max_records=60, train__epochs=2, train__save_every=1)
     assert run(cfg) == 0
     (metrics,) = (root / "logs").glob("metrics_*.jsonl")
     return root, metrics.stem.removeprefix("metrics_")

@@ -69,21 +69,27 @@ class _HashingWriter(io.RawIOBase):
         self.f, self.path, self.sha, self.size = f, path, hashlib.sha256(), 0
         self.limit = _byte_limit(path) if _faults else None
         self.paused = False
+        self.error: OSError | None = None  # torch.save reports a failed write only as a position mismatch
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        if _faults:
-            if self.limit is not None and self.size + len(b) > self.limit:
-                raise _no_space(self.path)
-            if _faults.get("slow_write_s") and not self.paused and self.size > 0:
-                self.paused = True
-                self.f.flush()
-                time.sleep(float(_faults["slow_write_s"]))
+        try:
+            if _faults:
+                if self.limit is not None and self.size + len(b) > self.limit:
+                    raise _no_space(self.path)
+                if _faults.get("slow_write_s") and not self.paused and self.size > 0:
+                    self.paused = True
+                    self.f.flush()
+                    time.sleep(float(_faults["slow_write_s"]))
+            n = self.f.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha.update(b)
         self.size += len(b)
-        return self.f.write(b)
+        return n
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -132,6 +138,7 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"could not write {path}: {exc}") from None
     check_free_space(path.parent, tensor_bytes(obj))
     tmp = temp_name(path)
+    w = None
     try:
         with open(tmp, "wb") as f:
             w = _HashingWriter(f, path)
@@ -143,7 +150,8 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)):
-            raise CheckpointError(f"could not write {path}: {exc}") from exc
+            cause = w.error if w is not None and w.error is not None else exc
+            raise CheckpointError(f"could not write {path}: {cause}") from exc
         raise
     return {"sha256": w.sha.hexdigest(), "size": w.size}
 

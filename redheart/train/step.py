@@ -52,7 +52,9 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
 
 
 def inverse_counts(counts: dict[str, int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([1.0 / counts[h] if counts[h] > 0 else 0.0 for h in HEADS], device=device)
+    from redheart.data.features import to_device
+
+    return to_device([1.0 / counts[h] if counts[h] > 0 else 0.0 for h in HEADS], device, torch.float32)
 
 
 @dataclass

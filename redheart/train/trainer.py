@@ -26,7 +26,7 @@ from redheart.ckpt.sweetspot import pinned_epochs
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
 from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
-from redheart.data.features import FeatureSource
+from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
 from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
@@ -269,19 +269,31 @@ class Trainer:
 
     def _accumulate(self, mine: list[int], counts: dict[str, int], attempt: int) -> dict[str, torch.Tensor]:
         tech, weights = self.cfg.tech, self.cfg.train.head_weights
+        source, lengths = self.features["train"], self.train_data.lengths
+        mbs = micro_batches(mine, lengths, self.micro_batch, self.micro_batch_tokens)
         inv = inverse_counts(counts, self.device) if self.graphs is not None else None
+        # One host-to-device copy of every index of the step; micro-batches slice it on the device.
+        idx_all = to_device([i for mb in mbs for i in mb], self.device, torch.long) if source.cached else None
         parts_sum: dict[str, torch.Tensor] = {}
-        for mb in micro_batches(mine, self.train_data.lengths, self.micro_batch, self.micro_batch_tokens):
+        start = 0
+        for mb in mbs:
             if self.faults.get("oom_at_step") == self.global_step and attempt == 0:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
-            states, batch = self.features["train"](mb)
-            keep = batch.keep.to(self.device, non_blocking=True)
-            tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
+            lens = [int(lengths[i]) for i in mb]
+            if idx_all is not None:
+                idx = idx_all[start:start + len(mb)]
+                states, keep = source.gather(idx, max(lens))
+                tgt = source.targets_of(idx)
+            else:
+                states, batch = source(mb)
+                keep = batch.keep.to(self.device, non_blocking=True)
+                tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
+            start += len(mb)
             if self.graphs is not None:
                 parts = self.graphs(states, keep, tgt, inv)
             else:
-                loss, parts = forward_loss(self.model, states, keep, batch.padded, tgt, counts, tech, weights,
-                                           self.dtype)
+                loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
+                                           tech, weights, self.dtype)
                 loss.backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
@@ -458,8 +470,7 @@ class Trainer:
         if self.global_step in self.faults.get("nan_at_steps", ()):
             parts["loss"] = parts["loss"] * float("nan")
         if self.global_step in self.faults.get("inf_grad_at_steps", ()):
-            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
-            grad.view(-1)[0] = float("inf")
+            next(p.grad for p in self.model.parameters() if p.grad is not None).fill_(float("inf"))
 
     def end_of_epoch(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -1,0 +1,674 @@
+"""Fault injection: stop, crash, corruption, a full disk and non-finite losses lose nothing.
+
+Real processes (`python -m redheart ...`, the tiny preset on a 60-record slice: 2 epochs x 6
+optimizer steps) are stopped by real signals at points a seeded RNG chooses: the log line of
+step k, then a random delay (REDHEART_FAULT_SEED=N draws other points). Corrupted files are real
+files with flipped bytes or cut short; a full disk is an injected ENOSPC inside the write, or a
+free-space check that finds too little. Each scenario ends with the uninterrupted run's final
+weights bit for bit (model, EMA, optimizer, schedule, metrics history), or with the exact error
+expected. The scenarios that need no signal run in this process, on one thread like the
+subprocesses, so their weights are comparable with the subprocess reference.
+
+The figures (scenarios, kills survived, corruptions caught, records lost) are printed when the
+module ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, newest_state, run, same_tensors, tiny_config
+from redheart.ckpt import io as ckio
+from redheart.ckpt.state import find_resume_state, read_registry
+
+SEED = int(os.environ.get("REDHEART_FAULT_SEED", "8"))
+STEPS_PER_EPOCH, EPOCHS = 6, 2
+TRAIN_RECORDS = 46  # the training split of the 60-record slice
+COMMON = ["--preset", "tiny", "--max-records", "60", "--no-lr-sweep", "--device", "cpu",
+          "--set", "train.grad_accum=4", "--set", "train.log_every=1", "--set", "crossover.enabled=false"]
+TRAIN = ["unified-train", "--epochs", str(EPOCHS), *COMMON]
+# The same run in this process (the log interval and the crossover do not change the weights).
+IN_PROCESS = dict(data__max_records=60, train__epochs=EPOCHS, train__grad_accum=4, train__device="cpu")
+TIMING_KEYS = {"seconds", "samples_per_s", "tokens_per_s", "memory", "timestamp"}
+
+FIGURES: Counter = Counter()
+
+
+def rng_for(name: str) -> random.Random:
+    return random.Random(f"{SEED}-{name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+def child_env(faults: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SAMPLES", None)
+    env.pop("REDHEART_FAULTS", None)
+    if faults:
+        env["REDHEART_FAULTS"] = json.dumps(faults)
+    return env
+
+
+class Proc:
+    """A `python -m redheart` process (or a command wrapping one) whose output is read live."""
+
+    def __init__(self, args: list[str], faults: dict | None = None, command: list[str] | None = None):
+        cmd = command or [sys.executable, "-m", "redheart", *args]
+        self.p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(faults), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.append(line)
+            self._q.put(line)
+        self._q.put(None)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{self.text}") from None
+            if line is None:
+                raise AssertionError(f"the process ended before a line matching {pattern!r}:\n{self.text}")
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def wait_step(self, k: int) -> None:
+        self.wait_for(rf"\(global {k}\)")
+
+    def send(self, sig: int) -> None:
+        self.p.send_signal(sig)
+
+    def finish(self, timeout: float = 300) -> int:
+        rc = self.p.wait(timeout)
+        self._reader.join(timeout)
+        return rc
+
+
+def cli_run(args: list[str], faults: dict | None = None) -> tuple[int, str]:
+    p = Proc(args, faults)
+    return p.finish(), p.text
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return [*TRAIN, "--output-dir", str(out), *extra]
+
+
+def resume_or_start(out: Path) -> list[str]:
+    """What a user does after a crash: --resume latest, or a fresh start when nothing was saved."""
+    return train_args(out, "--resume", "latest") if read_registry(out) else train_args(out)
+
+
+def resume_here(out: Path) -> int:
+    """`--resume latest` in this process: the function the CLI calls, without a new process's
+    start-up (the end-to-end CLI resume is in the SIGTERM scenario)."""
+    return run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False)
+
+
+def read_log(out: Path) -> str:
+    return "".join(p.read_text() for p in sorted((out / "logs").glob("training_*.log")))
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ckio.TEMP_RE.match(p.name)]
+
+
+def wait_for_temp(folder: Path, proc: Proc, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in temp_files(folder) if ".pt.tmp-" in p.name]
+        if found:
+            return found[0]
+        assert proc.p.poll() is None, f"the process ended without a checkpoint write in progress:\n{proc.text}"
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint write in progress within {timeout}s")
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_bytes(path: Path, rng: random.Random, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for _ in range(n):
+        i = rng.randrange(len(data) // 4, len(data) * 3 // 4)  # inside the tensor data
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------
+# Comparison
+
+
+def history_without_timing(h: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]
+
+
+def assert_same_final_state(ref: dict, got: dict) -> None:
+    """The resumed run ended exactly where the uninterrupted one did; counts records lost."""
+    assert got["finished"] and got["global_step"] == ref["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert same_tensors(ref["model_state"], got["model_state"]) == []
+    assert same_tensors(ref["ema"]["shadow"], got["ema"]["shadow"]) == []
+    assert ref["ema"]["num_updates"] == got["ema"]["num_updates"]
+    assert ref["optimizer"]["state"].keys() == got["optimizer"]["state"].keys()
+    for k in ref["optimizer"]["state"]:
+        assert same_tensors(ref["optimizer"]["state"][k], got["optimizer"]["state"][k]) == []
+    assert ref["optimizer"]["param_groups"] == got["optimizer"]["param_groups"]
+    assert ref["scheduler"] == got["scheduler"]
+    assert torch.equal(ref["rng"]["torch"], got["rng"]["torch"])
+    # every training record trained exactly once per epoch, as in the uninterrupted run
+    lost = sum(abs(r.get("samples", 0) - g.get("samples", 0)) for r, g in zip(ref["history"], got["history"]))
+    lost += TRAIN_RECORDS * EPOCHS - sum(g.get("samples", 0) for g in got["history"])
+    FIGURES["records lost"] += lost
+    assert lost == 0
+    assert history_without_timing(ref["history"]) == history_without_timing(got["history"])
+    FIGURES["final states equal bit for bit"] += 1
+
+
+def assert_files_sound(out: Path) -> None:
+    """No temporary file left; every listed checkpoint exists and matches its checksum; no
+    resume state on disk that the registry does not list."""
+    assert temp_files(out) == []
+    ck = out / "checkpoints_final"
+    for e in ckio.read_metadata(ck) + read_registry(out):
+        assert Path(e["path"]).is_file(), e["path"]
+        ckio.load(e["path"], e["sha256"])
+    assert {p.name for p in ck.glob("resume_state_*.pt")} == {Path(e["path"]).name for e in read_registry(out)}
+    epochs = [e["epoch"] for e in ckio.read_metadata(ck)]
+    assert len(epochs) == len(set(epochs)), f"an epoch listed twice: {epochs}"
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures(request):
+    yield
+    if FIGURES:
+        tr = request.config.pluginmanager.get_plugin("terminalreporter")
+        line = ("fault-injection figures (seed %d): " % SEED) + ", ".join(f"{k} {v}" for k, v in sorted(FIGURES.items()))
+        (tr.write_line if tr else print)("\n" + line)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as the subprocesses run (OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Reference:
+    """The uninterrupted run, started at once in the background: it runs while the first
+    scenarios start theirs, and is waited for when a comparison needs it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.proc = Proc(train_args(out))
+        self._state = None
+
+    def state(self) -> dict:
+        if self._state is None:
+            assert self.proc.finish() == 0, self.proc.text
+            self._state = newest_state(self.out)
+            assert self._state["finished"]
+        return self._state
+
+    def state_at(self, global_step: int) -> dict:
+        self.state()
+        entry = next(e for e in read_registry(self.out) if e["global_step"] == global_step)
+        return ckio.load(entry["path"], entry["sha256"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = Reference(tmp_path_factory.mktemp("reference"))
+    yield ref
+    if ref.proc.p.poll() is None:
+        ref.proc.p.kill()
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, reference):
+    """A run stopped by SIGTERM in its second epoch (its copies are resumed and corrupted).
+    The signal goes twice at once, as GNU timeout sends it (to the child, then to its group):
+    that is still one clean stop, not a kill."""
+    rng = rng_for("sigterm")
+    out = tmp_path_factory.mktemp("stopped")
+    p = Proc(train_args(out))
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
+    p.wait_step(k)
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGTERM)
+    p.send(signal.SIGTERM)
+    rc = p.finish()
+    FIGURES["kills survived"] += 1
+    return {"out": out, "rc": rc, "text": p.text, "k": k}
+
+
+# ---------------------------------------------------------------------------------------
+# Signals
+
+
+def test_sigterm_mid_epoch_exits_75_says_where_to_resume_and_resumes_bit_for_bit(stopped, reference, tmp_path):
+    FIGURES["scenarios"] += 1
+    assert stopped["rc"] == 75, stopped["text"]
+    text = stopped["text"]
+    assert "SIGTERM received: stopping after the current optimizer step" in text
+    m = re.search(r"stopped by SIGTERM after step (\d+) \(epoch 2, step (\d+)/6\)", text)
+    assert m, text
+    step = int(m.group(1))
+    assert stopped["k"] <= step < EPOCHS * STEPS_PER_EPOCH
+    hint = re.search(r"resume with: bash run_learning.sh unified-train --resume (\S+)   \(or --resume latest\)", text)
+    assert hint and hint.group(1).endswith(f"_step{step:08d}.pt") and Path(hint.group(1)).is_file(), text
+    entries = read_registry(stopped["out"])
+    assert [e["global_step"] for e in entries] == [STEPS_PER_EPOCH, step]
+    assert "Traceback" not in text
+
+    out = copy_run(stopped["out"], tmp_path / "run")
+    rc, text = cli_run(train_args(out, "--resume", "latest"))
+    assert rc == 0, text
+    assert f"at epoch 2, step {step - STEPS_PER_EPOCH} (global step {step})" in text
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_sigkill_at_random_moments_and_mid_write_then_resume_equals_the_straight_run(reference, tmp_path, one_thread):
+    """Three kills -9: at a random step; while a checkpoint's temporary file is half written;
+    right after the final snapshot's 'saved' line (the resume state being written). Each time
+    the next process continues from the last complete state."""
+    FIGURES["scenarios"] += 1
+    rng = rng_for("sigkill")
+    out = tmp_path / "run"
+    ck = out / "checkpoints_final"
+
+    p = Proc(train_args(out))  # 1: at a random step
+    p.wait_step(rng.randint(1, 2 * STEPS_PER_EPOCH - 1))
+    time.sleep(rng.uniform(0, 0.3))
+    p.send(signal.SIGKILL)
+    assert p.finish() == -signal.SIGKILL
+    FIGURES["kills survived"] += 1
+
+    p = Proc(resume_or_start(out), faults={"slow_write_s": 3})  # 2: inside a checkpoint write
+    tmp = wait_for_temp(ck, p)
+    time.sleep(rng.uniform(0, 0.5))
+    p.send(signal.SIGKILL)
+    assert p.finish() == -signal.SIGKILL
+    FIGURES["kills survived"] += 1
+    assert tmp.is_file() and tmp.stat().st_size > 0  # a partial file, under its temporary name only
+    target = ck / re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", tmp.name)
+    listed = {e["path"]: e["sha256"] for e in ckio.read_metadata(ck) + read_registry(out)}
+    assert str(target) not in listed or ckio.load(target, listed[str(target)])
+
+    p = Proc(resume_or_start(out))  # 3: right after the final snapshot is saved
+    p.wait_for(r"saved checkpoint_epoch_0002")
+    p.send(signal.SIGKILL)
+    assert p.finish() == -signal.SIGKILL
+    FIGURES["kills survived"] += 1
+    assert f"removed 1 temporary file(s) left by an interrupted write: {tmp.name}" in p.text
+
+    assert read_registry(out) and resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_sigint_twice_stops_at_once_and_the_last_complete_state_resumes(reference, tmp_path, one_thread):
+    """Ctrl-C, then Ctrl-C again while the resumable state is being written (slowed to 3 s by a
+    test hook): the process ends at once by the signal, leaving a partial temporary file; the
+    state of the last epoch's end resumes to the same final weights. (A repeat within a second
+    counts as the same request, see test_timeout_from_the_guide...)."""
+    FIGURES["scenarios"] += 1
+    rng = rng_for("sigint")
+    out = tmp_path / "run"
+    p = Proc(train_args(out), faults={"slow_write_s": 3})
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
+    p.wait_step(k)
+    time.sleep(rng.uniform(0, 0.2))
+    first = time.monotonic()
+    p.send(signal.SIGINT)
+    p.wait_for(r"SIGINT received: stopping after the current optimizer step")
+    tmp = wait_for_temp(out / "checkpoints_final", p)
+    time.sleep(max(0.0, first + 1.2 - time.monotonic()))
+    second = time.monotonic()
+    p.send(signal.SIGINT)
+    assert p.finish() == -signal.SIGINT, p.text
+    assert time.monotonic() - second < 1.5  # at once, not after the 3 s write
+    assert "stopped by SIGINT" not in p.text and tmp.is_file()
+    FIGURES["kills survived"] += 1
+    assert [e["global_step"] for e in read_registry(out)] == [STEPS_PER_EPOCH]
+
+    assert resume_here(out) == 0
+    log = read_log(out)
+    assert f"removed 1 temporary file(s) left by an interrupted write: {tmp.name}" in log
+    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in log
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs GNU timeout")
+def test_timeout_from_the_guide_stops_cleanly_with_a_resumable_state(reference, tmp_path, one_thread):
+    """`timeout -s TERM N python -m redheart unified-test --samples 2 --debug --verbose`: the timer
+    is made to expire at a chosen step (SIGALRM to timeout is its expiry); timeout then sends
+    SIGTERM to the child and again to its group. The run stops cleanly (timeout exits 124) and
+    `--resume latest` ends with the uninterrupted run's weights."""
+    FIGURES["scenarios"] += 1
+    rng = rng_for("timeout")
+    out = tmp_path / "run"
+    args = ["unified-test", "--samples", str(EPOCHS), "--debug", "--verbose", *COMMON, "--output-dir", str(out)]
+    p = Proc([], command=["timeout", "-s", "TERM", "600", sys.executable, "-m", "redheart", *args])
+    p.wait_step(rng.randint(2, 2 * STEPS_PER_EPOCH - 2))
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGALRM)
+    assert p.finish() == 124, p.text
+    FIGURES["kills survived"] += 1
+    assert "SIGTERM received" in p.text and "Traceback" not in p.text
+    assert re.search(r"resume with: bash run_learning.sh unified-test --resume \S+resume_state_", p.text), p.text
+
+    assert resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Corruption
+
+
+def test_a_corrupted_newest_resume_state_is_named_and_the_previous_one_resumes(stopped, reference, tmp_path, one_thread):
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    newest = Path(read_registry(out)[-1]["path"])
+    flip_bytes(newest, rng_for("flip"))
+    FIGURES["corruptions caught"] += 1
+    assert resume_here(out) == 0
+    text = read_log(out)
+    assert re.search(rf"skipping {re.escape(newest.name)}: checkpoint \S+ is corrupted: SHA-256 \w+\.\.\. does "
+                     rf"not match the recorded \w+\.\.\.", text), text
+    assert f"resuming from the previous good state {Path(read_registry(stopped['out'])[0]['path']).name}" in text
+    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in text
+    assert newest.with_name(newest.name + ".corrupt").is_file()  # kept aside, out of the registry
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "registry garbage", "registry not a list"])
+def test_resume_latest_falls_back_past_damage(stopped, tmp_path, damage):
+    """What --resume latest loads (find_resume_state) when the newest state is cut short or gone,
+    or when resume_states.json itself is unreadable (the folder is scanned instead)."""
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    entries = read_registry(out)
+    newest, previous = Path(entries[-1]["path"]), Path(entries[0]["path"])
+    registry = out / "checkpoints_final" / "resume_states.json"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    elif damage == "deleted":
+        newest.unlink()
+    elif damage == "registry garbage":
+        registry.write_bytes(b"\x00{not json")
+    else:
+        registry.write_text('{"path": 3}')
+    FIGURES["corruptions caught"] += 1
+    state, entry = find_resume_state(out)
+    expect = newest if damage.startswith("registry") else previous
+    assert Path(entry["path"]) == expect
+    assert same_tensors(state["model_state"], ckio.load(stopped["out"] / "checkpoints_final" / expect.name)["model_state"]) == []
+
+
+def test_unreadable_registry_and_metadata_do_not_stop_a_resumed_run(stopped, reference, tmp_path, one_thread):
+    """Both lists garbage: the resume finds its state by scanning, the snapshot save moves the bad
+    metadata.json aside and rebuilds it, and the run ends with the straight run's weights."""
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    ck = out / "checkpoints_final"
+    (ck / "resume_states.json").write_text("[{\"path\": ")
+    (ck / "metadata.json").write_text("{{{")
+    FIGURES["corruptions caught"] += 2
+    assert run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False) == 0
+    log = next((out / "logs").glob("training_*.log")).read_text()
+    assert "metadata.json is not valid JSON" in log and "rebuilding it from the snapshot files" in log
+    assert list(ck.glob("metadata.json.corrupt-*"))
+    assert [e["epoch"] for e in ckio.read_metadata(ck)] == [2]
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_a_corrupted_snapshot_fails_validate_and_is_refused_by_crossover(reference, tmp_path):
+    FIGURES["scenarios"] += 1
+    reference.state()
+    out = copy_run(reference.out, tmp_path / "run")
+    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
+    flip_bytes(snap, rng_for("snapshot"))
+    FIGURES["corruptions caught"] += 1
+    validate = Proc(["validate", "--preset", "tiny", "--device", "cpu", "--output-dir", str(out)])
+    crossover = Proc(["crossover", str(out), "--device", "cpu"])
+    rc, text = validate.finish(), validate.text
+    assert rc == 1, text
+    assert re.search(rf"\[FAIL\] checkpoints .*1 of 3 checkpoint\(s\) bad: checkpoint \S+{re.escape(snap.name)} "
+                     rf"is corrupted: SHA-256", text), text
+    rc, text = crossover.finish(), crossover.text
+    assert rc == 2 and "Traceback" not in text, text
+    assert re.search(rf"^error: checkpoint \S+{re.escape(snap.name)} is corrupted: SHA-256 \w+\.\.\. does not match "
+                     rf"the recorded \w+\.\.\.$", text, re.M), text
+
+
+class Payload:
+    """Any class of the user's: pickled, it needs code to come back."""
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_by_resume_and_predict(tmp_path):
+    FIGURES["scenarios"] += 1
+    marker = tmp_path / "code-ran"
+
+    class Run:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "resume", "model_state": {"w": torch.zeros(2)}, "config": {}, "x": Run()}, evil)
+    custom = tmp_path / "custom.pt"
+    torch.save({"model_state": {"w": torch.zeros(2)}, "payload": Payload()}, custom)
+    FIGURES["corruptions caught"] += 2
+
+    resume = Proc(train_args(tmp_path / "out", "--resume", str(evil)))
+    predict = Proc(["predict", "--checkpoint", str(custom), "I lied to my friend."])
+    rc, text = resume.finish(), resume.text
+    assert rc == 2, text
+    assert text.strip().splitlines()[-1] == (
+        f"error: refused to load {evil}: it holds pickled Python objects (posix.system), not only tensors "
+        f"and plain values, and loading it could run code. Only checkpoints written by this system load. "
+        f"(--resume latest takes the newest sound resume state)")
+    rc, text = predict.finish(), predict.text
+    assert rc == 2, text
+    assert re.fullmatch(rf"error: refused to load {re.escape(str(custom))}: it holds pickled Python objects "
+                        rf"\(\S*Payload\), not only tensors and plain values, and loading it could run code\. "
+                        rf"Only checkpoints written by this system load\.", text.strip().splitlines()[-1]), text
+    assert "Traceback" not in text and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# A full disk
+
+
+def test_disk_full_inside_a_snapshot_write_fails_that_save_only(reference, tmp_path, one_thread):
+    """ENOSPC 64 KiB into the epoch-2 snapshot: no file under its name, the epoch-1 snapshot and
+    the list stay sound, and training goes on to the same final weights."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    cfg = tiny_config(out, **IN_PROCESS, train__save_every=1)
+    faults = {"write_error": {"match": "checkpoint_epoch_0002", "after_bytes": 65536}}
+    assert run(cfg, analysis=False, faults=faults) == 0
+    FIGURES["disk faults survived"] += 1
+    log = read_log(out)
+    assert re.search(r"epoch 2 snapshot not saved \(training continues\): could not write \S+checkpoint_epoch_0002\S+: "
+                     r"\[Errno 28\] No space left on device", log), log
+    ck = out / "checkpoints_final"
+    assert [e["epoch"] for e in ckio.read_metadata(ck)] == [1]
+    assert not list(ck.glob("checkpoint_epoch_0002*"))
+    assert_files_sound(out)
+    assert_same_final_state(reference.state(), newest_state(out))
+
+
+def test_disk_full_at_a_stop_keeps_the_previous_state_and_says_so(reference, tmp_path, one_thread, monkeypatch):
+    """The free-space check finds too little for the resume state of a stop: the stop says no new
+    state was written and names the last complete one, from which the run resumes exactly."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    cfg = tiny_config(out, **IN_PROCESS)
+    real = shutil.disk_usage
+    calls = Counter()
+
+    def usage(path):
+        calls["n"] += 1
+        u = real(path)
+        return u if calls["n"] <= 1 else u._replace(free=1024)  # full after the epoch-1 state
+
+    monkeypatch.setattr(ckio.shutil, "disk_usage", usage)
+    assert run(cfg, analysis=False, faults={"stop_at_step": 9}) == 75
+    monkeypatch.setattr(ckio.shutil, "disk_usage", real)
+    FIGURES["disk faults survived"] += 1
+    log = read_log(out)
+    assert re.search(r"resume state not saved \(the previous one is kept\): not enough disk space in \S+: "
+                     r"0\.00 GiB free, \d+\.\d\d GiB needed", log), log
+    assert re.search(rf"no new resumable state was written; the last complete one is \S+_step{STEPS_PER_EPOCH:08d}\.pt: "
+                     rf"resume with: bash run_learning.sh unified-train --resume latest", log), log
+    assert_files_sound(out)
+    assert run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+
+
+def test_disk_full_writing_metadata_lists_no_missing_file(tmp_path, one_thread):
+    """The metadata.json write after the epoch-2 snapshot fails: the list stays as it was (epoch
+    1, whose file exists), nothing is deleted, training ends normally."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    cfg = tiny_config(out, **IN_PROCESS, train__save_every=1, train__keep_checkpoints=1)
+    assert run(cfg, analysis=False, faults={"write_error": {"match": "metadata.json", "skip": 1}}) == 0
+    FIGURES["disk faults survived"] += 1
+    log = read_log(out)
+    assert re.search(r"metadata.json not updated \(training continues; checkpoint_epoch_0002\S+ is on disk but not "
+                     r"listed\): could not write \S+metadata.json: \[Errno 28\] No space left on device", log), log
+    ck = out / "checkpoints_final"
+    meta = ckio.read_metadata(ck)
+    assert [e["epoch"] for e in meta] == [1] and all(Path(e["path"]).is_file() for e in meta)
+    assert "retention: deleted" not in log
+    assert newest_state(out)["finished"]
+
+
+# ---------------------------------------------------------------------------------------
+# Numerical faults
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, one_thread):
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    faults = {"nan_at_steps": [3], "inf_grad_at_steps": [8]}
+    assert run(tiny_config(out, **IN_PROCESS), analysis=False, faults=faults) == 0
+    FIGURES["non-finite steps skipped"] += 2
+    log = read_log(out)
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in log
+    assert "step 8: non-finite loss or gradient, update skipped (1 in a row, 2 in all)" in log
+    state = newest_state(out)
+    assert [r["bad_steps"] for r in state["history"]] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in state["history"])
+    assert state["ema"]["num_updates"] == state["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH - 2
+    assert all(torch.isfinite(v).all() for v in state["model_state"].values())
+
+
+def test_max_bad_steps_in_a_row_stop_with_exit_5_keeping_the_last_good_state(reference, tmp_path, one_thread):
+    """Three NaN losses in a row from step 7 with train.max_bad_steps=3: exit 5, and the state
+    kept is the one after step 6, bit for bit; it resumes to the end."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    bad = [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH + 2]
+    cfg = tiny_config(out, **IN_PROCESS, train__max_bad_steps=3)
+    assert run(cfg, analysis=False, faults={"nan_at_steps": bad}) == 5
+    text = read_log(out)
+    FIGURES["non-finite steps skipped"] += 3
+    assert "3 optimizer steps in a row had a non-finite loss or gradient; the last good state is kept" in text
+    assert re.search(r"resume with: bash run_learning.sh unified-train --resume \S+_step00000009\.pt", text)
+    kept, good = newest_state(out), reference.state_at(STEPS_PER_EPOCH)
+    assert kept["global_step"] == 9 and kept["bad_steps_in_row"] == 3
+    assert same_tensors(kept["model_state"], good["model_state"]) == []
+    assert same_tensors(kept["ema"]["shadow"], good["ema"]["shadow"]) == []
+    for k in good["optimizer"]["state"]:
+        assert same_tensors(kept["optimizer"]["state"][k], good["optimizer"]["state"][k]) == []
+    assert resume_here(out) == 0
+    final = newest_state(out)
+    assert final["finished"] and final["global_step"] == 12 and final["history"][-1]["bad_steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Exact resume of the OOM state and the Sweet Spot history
+
+
+def test_resume_after_an_oom_keeps_the_smaller_micro_batch_and_the_sweet_spot_history(tmp_path, one_thread):
+    """An injected OOM at step 2 halves the micro-batch; a stop in epoch 2 and a resume continue
+    with that micro-batch and end equal to the uninterrupted run with the same OOM, including the
+    metrics history that Sweet Spot reads and its choices."""
+    from redheart.ckpt.sweetspot import analyse
+
+    FIGURES["scenarios"] += 1
+    cfg = dict(IN_PROCESS, train__save_every=1)
+    assert run(tiny_config(tmp_path / "a", **cfg), analysis=False, faults={"oom_at_step": 2}) == 0
+    straight = newest_state(tmp_path / "a")
+    assert straight["micro_batch"] == 1 and len(straight["oom_events"]) == 1
+
+    b = tmp_path / "b"
+    assert run(tiny_config(b, **cfg), analysis=False, faults={"oom_at_step": 2, "stop_at_step": 9}) == 75
+    mid = newest_state(b)
+    assert mid["micro_batch"] == 1 and mid["global_step"] == 9
+    assert run(tiny_config(b, **cfg), resume="latest", analysis=False) == 0
+    resumed = newest_state(b)
+    assert resumed["micro_batch"] == 1
+    keys = ("step", "epoch", "attempt", "micro_batch_before", "micro_batch_after", "action")
+    assert [{k: e[k] for k in keys} for e in resumed["oom_events"]] == [{k: e[k] for k in keys} for e in straight["oom_events"]]
+    assert_same_final_state(straight, resumed)
+    c = tiny_config(b, **cfg)
+    assert analyse(resumed["history"], {1, 2}, c, "raw") == analyse(straight["history"], {1, 2}, c, "raw")
+
+
+def test_leftover_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        gone = tmp_path / f".resume_state_x_step00000004.pt.tmp-{dead.stdout.strip()}"
+        live = tmp_path / f".metadata.json.tmp-{sleeper.pid}"
+        other = tmp_path / "notes.tmp-1"
+        for p in (gone, live, other):
+            p.write_bytes(b"partial")
+        assert ckio.clean_stale_temp(tmp_path) == [gone]
+        assert not gone.exists() and live.exists() and other.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
