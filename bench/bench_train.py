@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--out", default="bench_train.json")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda":
         print("no GPU: a smoke run of the benchmark code (the figures mean nothing here)")
     peak = measure_peak_tflops(device) if device.type == "cuda" else float("nan")

@@ -81,10 +81,12 @@ class StepStats:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name}: no CUDA GPU is visible to PyTorch")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name}: no CUDA GPU is visible to PyTorch")
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
     return dev
 
 
