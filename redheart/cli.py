@@ -202,6 +202,7 @@ def test_faults() -> dict[str, Any]:
 
 def cmd_train(args, mode: str) -> int:
     cfg = make_config(args, mode, choose_preset(args, mode))  # bad values fail before the heavy imports
+    check_resume_path(args.resume)
     faults = test_faults()
     from redheart.run import RunOptions, train
 
@@ -254,11 +255,19 @@ def cmd_validate(args) -> int:
     return run_checks(cfg, mode=args.target)
 
 
-def cmd_predict(args) -> int:
-    from redheart.predict import predict_command
+def check_resume_path(resume: str | None) -> None:
+    if resume and resume != "latest" and not os.path.exists(resume):
+        raise ConfigError(f"--resume {resume}: no such checkpoint (--resume latest takes the newest "
+                          f"sound resume state of --output-dir)")
 
+
+def cmd_predict(args) -> int:
     if args.file and not os.path.isfile(args.file):
         raise ConfigError(f"--file {args.file}: no such file")
+    if not os.path.isfile(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
+    from redheart.predict import predict_command
+
     return predict_command(args)
 
 
@@ -313,11 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from redheart.ckpt.io import CheckpointError
-    from redheart.data.schema import DataError
-    from redheart.model.encoder import EncoderError
+# The errors that mean "the input is wrong", each with a message for the user: module -> class.
+USER_ERRORS = {"redheart.config": "ConfigError", "redheart.ckpt.io": "CheckpointError",
+               "redheart.data.schema": "DataError", "redheart.model.encoder": "EncoderError",
+               "redheart.run": "UsageError"}
 
+
+def user_error_types() -> tuple[type, ...]:
+    """The classes of USER_ERRORS among the loaded modules (an error raised was loaded with its
+    module): so that a bad flag fails before torch is imported."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("unified-test", "unified-train", "train-local"):
@@ -325,9 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
                     "predict": cmd_predict, "crossover": cmd_crossover, "plot": cmd_plot}
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, EncoderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted before the run could stop cleanly (nothing of it was saved since its "
               "last checkpoint)", file=sys.stderr)
@@ -336,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        from redheart.run import UsageError
-
-        if isinstance(exc, UsageError):
+        if isinstance(exc, user_error_types()):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if getattr(args, "debug", False):

@@ -215,9 +215,10 @@ def assert_files_sound(out: Path) -> None:
 def figures(request):
     yield
     if FIGURES:
-        tr = request.config.pluginmanager.get_plugin("terminalreporter")
-        line = ("fault-injection figures (seed %d): " % SEED) + ", ".join(f"{k} {v}" for k, v in sorted(FIGURES.items()))
-        (tr.write_line if tr else print)("\n" + line)
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():
+            print(f"\nfault-injection figures (seed {SEED}): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(FIGURES.items())))
 
 
 @pytest.fixture

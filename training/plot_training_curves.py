@@ -1,9 +1,11 @@
 """The guide's plotting script: draws the newest run's training curves under training/.
 
-    python training/plot_training_curves.py [RUN_DIR] [--run-id ID] [--out PNG]
+    python training/plot_training_curves.py [RUN_DIR] [--run-id ID] [--out PNG] [--dpi N]
 
-A thin wrapper over `redheart plot`; it re-runs itself in red_heart_env when the current
-Python lacks the project's packages.
+Writes `RUN_DIR/logs/training_curves_<run>.png` (9 panels: each head's train and validation
+curves with its sweet spot, emotion accuracy/F1, the LR schedule, throughput, memory) and
+prints {"path": ..., "panels": ...}. A thin wrapper over `redheart plot`; it re-runs itself
+in red_heart_env when the current Python lacks the project's packages.
 """
 import os
 import sys

@@ -35,9 +35,10 @@ class EMA:
         """One EMA step towards the model's weights (or, with `host_copy`, towards the CPU
         copies of them that the swap manager keeps, mapped by id of the GPU parameter)."""
         params = dict(model.named_parameters())
-        src = [params[n].detach() for n in self.names]
         if host_copy is not None:
-            src = [host_copy[id(p)] for p in src]
+            src = [host_copy[id(params[n])] for n in self.names]
+        else:
+            src = [params[n].detach() for n in self.names]
         if src[0].device != self.device or src[0].dtype != torch.float32:
             src = [s.to(self.device, torch.float32, non_blocking=True) for s in src]
         torch._foreach_lerp_(self.shadow, src, 1.0 - self.decay_at(self.num_updates))
