@@ -87,8 +87,7 @@ class Progress:
         steps so far; the run's ETA leaves out validation and checkpoint time."""
         elapsed = max(time.time() - self.t0, 1e-9)
         per_step = elapsed / max(self.run_steps, 1)
-        stats = trainer.epoch_stats
-        samples_per_step = stats.samples / max(stats.steps, 1)
+        samples_per_step = trainer.epoch_stats.samples / max(self.done, 1)  # both count from the epoch's start
         left_epoch = (self.steps - self.done) * per_step
         left_run = left_epoch + (self.epochs - self.epoch) * self.steps * per_step
         return self.run_steps * samples_per_step / elapsed, left_epoch, left_run

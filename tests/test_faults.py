@@ -401,6 +401,21 @@ def test_timeout_from_the_guide_stops_cleanly_with_a_resumable_state(reference, 
     assert_files_sound(out)
 
 
+def test_a_signal_before_training_begins_stops_at_once_with_nothing_to_resume(tmp_path):
+    """SIGTERM while the session is being built (encoder, data): nothing was trained, so the
+    process stops at once with 75 and says there is nothing to resume."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    p = Proc(train_args(out))
+    p.wait_for(r"encoder states: ")
+    p.send(signal.SIGTERM)
+    assert p.finish() == 75, p.text
+    FIGURES["kills survived"] += 1
+    assert "stopped by SIGTERM before training began" in p.text
+    assert "nothing to resume: no training state was saved yet; run the command again" in p.text
+    assert "Traceback" not in p.text and read_registry(out) == []
+
+
 # ---------------------------------------------------------------------------------------
 # Corruption
 
@@ -481,6 +496,31 @@ def test_a_corrupted_snapshot_fails_validate_and_is_refused_by_crossover(referen
     assert rc == 2 and "Traceback" not in text, text
     assert re.search(rf"^error: checkpoint \S+{re.escape(snap.name)} is corrupted: SHA-256 \w+\.\.\. does not match "
                      rf"the recorded \w+\.\.\.$", text, re.M), text
+
+
+def test_resume_from_a_path_verifies_listed_checksums_and_warns_for_unlisted_files(reference, tmp_path, one_thread):
+    """--resume PATH: a snapshot listed in metadata.json is verified (a flipped copy is refused,
+    naming it); one that is listed nowhere (copied elsewhere) loads with a warning that its
+    checksum cannot be verified, as a warm start."""
+    from redheart.run import RunOptions, train
+
+    FIGURES["scenarios"] += 1
+    reference.state()
+    out = copy_run(reference.out, tmp_path / "run")
+    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
+    elsewhere = tmp_path / "elsewhere" / snap.name
+    elsewhere.parent.mkdir()
+    shutil.copy(snap, elsewhere)
+    flip_bytes(snap, rng_for("listed"))
+    FIGURES["corruptions caught"] += 1
+    with pytest.raises(ckio.CheckpointError, match=rf"checkpoint {re.escape(str(snap))} is corrupted: SHA-256 .+ "
+                                                    rf"\(--resume latest takes the newest sound resume state\)"):
+        train(tiny_config(out, **IN_PROCESS), RunOptions(resume=str(snap), analysis=False))
+    assert train(tiny_config(tmp_path / "warm", **IN_PROCESS), RunOptions(resume=str(elsewhere), analysis=False)) == 0
+    log = read_log(tmp_path / "warm")
+    assert f"{elsewhere} is not listed in {elsewhere.parent}/metadata.json or resume_states.json: its checksum " \
+           f"cannot be verified" in log
+    assert "is an epoch snapshot (weights only)" in log
 
 
 class Payload:

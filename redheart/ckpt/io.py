@@ -278,7 +278,8 @@ def read_metadata(folder: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); move it aside to start a new one") from None
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the next snapshot a run saves rebuilds it from "
+                              f"the snapshot files (or move it aside)") from None
     if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in data):
         raise CheckpointError(f"{path}: expected a list of checkpoint entries, each with a path")
     return rebase(data, Path(folder))
