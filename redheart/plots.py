@@ -80,7 +80,7 @@ def _legend_in_headroom(ax, top: float | None = None, ncol: int = 2) -> None:
 # ---------------------------------------------------------------------------------------- LR sweep
 
 
-def plot_lr_sweep(result: dict[str, Any], path: Path, dpi: float | None = None) -> str:
+def plot_lr_sweep(result: dict[str, Any], path: Path) -> str:
     with plt.rc_context(STYLE):
         fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
         for p in sorted(result["points"], key=lambda p: p["lr"]):
@@ -104,13 +104,13 @@ def plot_lr_sweep(result: dict[str, Any], path: Path, dpi: float | None = None) 
         b.set(xlabel="learning rate (log scale)", ylabel="score: mean of the last validation losses",
               title="Sweep score per learning rate (lower is better)")
         _legend_beside(b)
-        return _save(fig, path, dpi)
+        return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------- Sweet Spot
 
 
-def plot_sweet_spot(module: str, res: dict[str, Any], path: Path, dpi: float | None = None) -> str:
+def plot_sweet_spot(module: str, res: dict[str, Any], path: Path) -> str:
     from redheart.ckpt.sweetspot import smooth_curve
 
     with plt.rc_context(STYLE):
@@ -133,7 +133,7 @@ def plot_sweet_spot(module: str, res: dict[str, Any], path: Path, dpi: float | N
         if res.get("reason"):
             fig.text(0.01, 0.0, textwrap.fill(res["reason"], 130), fontsize=7, color="0.35", va="bottom")
             fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
-        return _save(fig, path, dpi)
+        return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------- run curves
@@ -192,7 +192,7 @@ def training_curves_figure(history: list[dict[str, Any]], sweet_spots: dict[str,
     ax = axes[2]
     for key, name, color in (("emotion_acc", "accuracy", "tab:red"), ("emotion_f1", "macro-F1", "tab:purple")):
         ax.plot(*_finite(epochs, [r["val"].get(key) for r in history]), color=color, ls="-", marker="o",
-                label=f"{name}")
+                label=name)
         if has_ema:
             ax.plot(*_finite(epochs, [(r.get("val_ema") or {}).get(key) for r in history]), color=color,
                     ls="--", marker="s", mfc="none", label=f"{name}, EMA")
@@ -232,8 +232,8 @@ def training_curves_figure(history: list[dict[str, Any]], sweet_spots: dict[str,
     if any(v is not None for v in spots.values()):
         handles.append(Line2D([], [], label="sweet spot of the module", **SWEET))
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), frameon=False)
-    fig.text(0.5, 0.0, "Train losses include label smoothing and leave out the R-Drop term; validation "
-             "losses are measured without either, on the whole validation split.", ha="center", va="bottom",
+    fig.text(0.5, 0.0, "Train losses are with the run's label smoothing and without the R-Drop term; validation "
+             "losses are without either, on the whole validation split.", ha="center", va="bottom",
              fontsize=8, color="0.35")
     fig.get_layout_engine().set(rect=(0, 0.02, 1, 0.98))
     return fig
@@ -253,7 +253,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, sweet_spots:
         return {"path": _save(fig, path, dpi), "panels": panels}
 
 
-def plot_memory(samples: list[dict[str, float]], path: Path, dpi: float | None = None) -> str:
+def plot_memory(samples: list[dict[str, float]], path: Path) -> str:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
         steps = [s["step"] for s in samples]
@@ -266,4 +266,4 @@ def plot_memory(samples: list[dict[str, float]], path: Path, dpi: float | None =
         ax.set_ylim(bottom=0)
         _integer_x(ax)
         _legend_beside(ax)
-        return _save(fig, path, dpi)
+        return _save(fig, path)

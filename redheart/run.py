@@ -29,6 +29,11 @@ log = logging.getLogger("redheart")
 REPEAT_GRACE_S = 1.0  # a repeat of the stop signal within this many seconds is the same request
 
 
+class StopBeforeTraining(BaseException):
+    """Raised by the signal handler while the run is still being set up. A BaseException, like
+    KeyboardInterrupt, so that no library's `except Exception` on its way out swallows it."""
+
+
 class UsageError(RuntimeError):
     """A request that cannot be carried out as given (the message says what to do)."""
 
@@ -125,7 +130,7 @@ def install_signal_handlers(stop: StopFlag, training: Callable[[], bool]) -> Non
         stop.requested = True
         stop.signal_name = name
         if not training():
-            raise TrainingStopped(f"stopped by {name} before training began", None, code=75)
+            raise StopBeforeTraining(name)
         log.warning("%s received: stopping after the current optimizer step with a resumable state "
                     "(send it again to stop at once)", name)
 
@@ -303,7 +308,9 @@ def _train(cfg: Config, opts: RunOptions) -> int:
             history = trainer.fit(progress)
         finally:
             progress.close()
-    except TrainingStopped as stopped:
+    except (TrainingStopped, StopBeforeTraining) as exc:
+        stopped = exc if isinstance(exc, TrainingStopped) else \
+            TrainingStopped(f"stopped by {exc} before training began", None, code=75)
         report_stop(stopped, paths, opts.mode)
         if trainer is not None:
             _write_side_files(trainer, paths)
@@ -315,6 +322,11 @@ def _train(cfg: Config, opts: RunOptions) -> int:
     # file is written atomically), and the analysis can be re-run with `redheart crossover`.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not history:  # a warm start from a snapshot of the last epoch
+        log.warning("nothing to train: the weights are at epoch %d of %d (give --epochs N to train further)",
+                    trainer.epoch, cfg.train.epochs)
+        tb.close()
+        return 0
     if stop.requested:
         log.warning("stop requested after the last step: Sweet Spot and Crossover skipped "
                     "(run them with: bash run_learning.sh crossover %s)", paths.root)
@@ -345,9 +357,14 @@ def _write_side_files(trainer: Trainer, paths: RunPaths) -> None:
 def _side_files(trainer: Trainer, paths: RunPaths) -> None:
     if trainer.oom_events or trainer.micro_batch != trainer.cfg.train.micro_batch:
         paths.oom.mkdir(parents=True, exist_ok=True)
-        doc = {"run_id": paths.run_id, "events": trainer.oom_events,
+        history = [{"step": 0, "micro_batch": trainer.cfg.train.micro_batch}] + [
+            {"step": e["step"], "micro_batch": e["micro_batch_after"]} for e in trainer.oom_events]
+        doc = {"run_id": paths.run_id, "events": trainer.oom_events, "batch_size_history": history,
                "micro_batch": {"configured": trainer.cfg.train.micro_batch, "final": trainer.micro_batch},
-               "swap_manager": trainer.cfg.memory.swap}
+               "effective_batch": trainer.cfg.effective_batch,
+               "swap_manager": {"setting": trainer.cfg.memory.swap, "on": trainer.swap},
+               "activation_checkpointing": trainer.checkpointing,
+               "memory_samples": trainer.memory_samples or [e["memory"] for e in trainer.oom_events]}
         ckio.atomic_write_text(json.dumps(doc, indent=2) + "\n", paths.oom / f"oom_stats_{paths.run_id}.json")
     if trainer.memory_samples:
         from redheart.plots import plot_memory

@@ -521,6 +521,7 @@ def test_resume_from_a_path_verifies_listed_checksums_and_warns_for_unlisted_fil
     assert f"{elsewhere} is not listed in {elsewhere.parent}/metadata.json or resume_states.json: its checksum " \
            f"cannot be verified" in log
     assert "is an epoch snapshot (weights only)" in log
+    assert f"nothing to train: the weights are at epoch {EPOCHS} of {EPOCHS} (give --epochs N to train further)" in log
 
 
 class Payload:

@@ -198,7 +198,7 @@ def test_a_run_without_any_epoch_cannot_be_plotted(tmp_path, capsys):
 def test_lr_sweep_and_sweet_spot_plots_share_the_style(tiny_run, tmp_path, monkeypatch):
     root, _ = tiny_run
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=None: figures.append(fig) or str(path))
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or str(path))
     sweep = {"start_loss": 3.6, "selected": 1e-3, "points": [
         {"lr": lr, "steps": [5, 10, 15, 20], "curve": curve, "score": sum(curve[-3:]) / 3, "diverged": div}
         for lr, curve, div in [(1e-5, [3.6, 3.6, 3.59, 3.59], False), (1e-4, [3.5, 3.4, 3.3, 3.3], False),

@@ -86,7 +86,7 @@ class Tower(nn.Module):
         super().__init__()
         self.stack = Stack(cfg, cfg.tower_layers)
         self.norm = nn.LayerNorm(cfg.hidden)
-        self.pool = nn.Linear(cfg.hidden, 1)
+        self.pool = nn.Linear(cfg.hidden, 1, bias=False)  # a bias would shift every score alike: no gradient
         self.mlp = nn.Sequential(
             nn.Linear(cfg.hidden, cfg.tower_mlp),
             nn.GELU(),

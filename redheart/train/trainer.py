@@ -281,7 +281,7 @@ class Trainer:
         parts_sum: dict[str, torch.Tensor] = {}
         start = 0
         for mb in mbs:
-            if self.faults.get("oom_at_step") == self.global_step and attempt == 0:
+            if self.faults.get("oom_at_step") == self.global_step and attempt < self.faults.get("oom_attempts", 1):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
             lens = [int(lengths[i]) for i in mb]
             if idx_all is not None:
