@@ -56,6 +56,13 @@ def common_args(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad data lines instead of stopping")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file(s), applied in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=3e-4")
+    g = p.add_argument_group("several GPUs or hosts (launched through torchrun)")
+    g.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this host; >1 runs under torchrun")
+    g.add_argument("--nnodes", type=int, default=1, help="number of hosts")
+    g.add_argument("--node-rank", type=int, default=0, help="this host's rank (0 .. nnodes-1)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of the host with node rank 0")
+    g.add_argument("--master-port", type=int, default=29500)
+    g.add_argument("--rdzv-endpoint", help="host:port of a c10d rendezvous instead of --master-addr/--master-port")
     p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--verbose", action="store_true", help="log every optimizer step")
 
@@ -200,6 +207,49 @@ def test_faults() -> dict[str, Any]:
     return faults
 
 
+LAUNCH_FLAGS = {"--gpus": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1, "--master-port": 1,
+                "--rdzv-endpoint": 1}
+
+
+def launch_distributed(args, argv: list[str]) -> int:
+    """Re-run this command under torchrun with one process per GPU (or CPU process with gloo)."""
+    import subprocess
+
+    import torch
+
+    device = args.device or "auto"
+    for a in args.set:
+        if a.startswith("train.device="):
+            device = a.split("=", 1)[1]
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--gpus {args.gpus}: no GPU is visible to PyTorch here "
+                              "(add --device cpu to run that many CPU processes with gloo)")
+        if torch.cuda.device_count() < args.gpus:
+            raise ConfigError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) are visible on this host")
+    rest, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = 0 if "=" in a else LAUNCH_FLAGS[name]
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}",
+           f"--nnodes={args.nnodes}", "--max-restarts=0"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
+    elif args.nnodes > 1:
+        cmd += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}", f"--master-port={args.master_port}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "redheart", *rest]
+    print(f"[redheart] launching {args.gpus * args.nnodes} processes: {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def cmd_train(args, mode: str) -> int:
     cfg = make_config(args, mode, choose_preset(args, mode))  # bad values fail before the heavy imports
     check_resume_path(args.resume)
@@ -335,9 +385,14 @@ def user_error_types() -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("unified-test", "unified-train", "train-local"):
+            if (args.gpus < 1 or args.nnodes < 1):
+                raise ConfigError("--gpus and --nnodes must be >= 1")
+            if (args.gpus > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+                return launch_distributed(args, argv)
             return cmd_train(args, args.command)
         handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
                     "predict": cmd_predict, "crossover": cmd_crossover, "plot": cmd_plot}

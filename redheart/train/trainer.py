@@ -28,6 +28,7 @@ from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
+from redheart.dist import World, gather_rows
 from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
@@ -173,26 +174,39 @@ def plan_memory(cfg: Config, device: torch.device, params: int) -> tuple[bool, b
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int,
-                  dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Outputs for a whole split, in the split's order, on the CPU (model left in eval mode)."""
+                  dtype: torch.dtype | None, world: World | None = None) -> dict[str, torch.Tensor]:
+    """Outputs for a whole split, in the split's order, on the CPU (model left in eval mode).
+
+    Under several processes each rank predicts every world-th text (by length order, so the
+    shares cost alike) and the rows are gathered: every rank gets the same full result.
+    """
+    world = world or World()
     model.eval()
     n = len(source.data)
-    order = sorted(range(n), key=lambda i: (-int(source.data.lengths[i]), i))
+    order = sorted(range(n), key=lambda i: (-int(source.data.lengths[i]), i))[world.rank::world.size]
     outs: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, n, batch_size):
+    for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         states, batch = source(idx)
         with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(states, batch.keep.to(states.device, non_blocking=True), batch.padded)
         for k, v in out.items():
             outs.setdefault(k, []).append(v.float().cpu())
+    if outs:
+        local = {k: torch.cat(v) for k, v in outs.items()}
+    else:  # more ranks than texts: this rank contributes no rows
+        local = {"emotion": torch.zeros(0, 7), "bentham": torch.zeros(0, 10), "regret": torch.zeros(0),
+                 "surd": torch.zeros(0, 4)}
+    local["index"] = torch.tensor(order, dtype=torch.long)
+    rows = gather_rows(local, world)
     inverse = torch.empty(n, dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
-    return {k: torch.cat(v)[inverse] for k, v in outs.items()}
+    inverse[rows.pop("index")] = torch.arange(n)
+    return {k: v[inverse] for k, v in rows.items()}
 
 
-def evaluate(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: torch.dtype | None) -> dict[str, float]:
-    pred = predict_split(model, source, cfg.train.eval_batch, dtype)
+def evaluate(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: torch.dtype | None,
+             world: World | None = None) -> dict[str, float]:
+    pred = predict_split(model, source, cfg.train.eval_batch, dtype, world)
     return head_metrics(pred, source.data.targets(torch.arange(len(source.data))), cfg.train.head_weights)
 
 

@@ -1,0 +1,106 @@
+"""Several processes (GPUs, or CPU processes with gloo) under `torchrun`: PyTorch's own engine.
+
+Data parallel in the style of DDP: every rank holds the whole model and optimizer, runs its
+share of each optimizer step's samples, and the gradients are summed across ranks before the
+update. The sum (not DDP's mean) is what the losses need: each rank's loss is already
+normalised by the labelled counts of the *whole* step, so the summed gradient equals the
+single-process one, whatever the number of ranks. The all-reduce runs in ~100 MB buckets,
+each launched as soon as it is flattened; every rank calls it once a step even with no
+samples of its own (short last step), so no rank can wait on another forever.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 100 * 2**20
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def from_env() -> World:
+    """The world torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(world: World, device_type: str, timeout_s: int = 600) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) with a timeout, so a dead rank ends
+    the others with an error instead of a hang."""
+    if not world.active or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    kwargs = {}
+    if device_type == "cuda":
+        kwargs["device_id"] = torch.device("cuda", world.local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
+    """All-reduce (sum) every parameter's gradient across ranks, in flat buckets."""
+    if not world.active:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets, current, size = [], [], 0
+    for p in params:
+        current.append(p)
+        size += p.numel() * p.grad.element_size()
+        if size >= BUCKET_BYTES:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    pending = []
+    for bucket in buckets:
+        flat = torch._utils._flatten_dense_tensors([p.grad for p in bucket])
+        pending.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+    for bucket, flat, work in pending:
+        work.wait()
+        for p, g in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in bucket])):
+            p.grad.copy_(g)
+
+
+def gather_rows(local: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """Concatenate every rank's rows (in rank order) of each tensor; on one process, as is."""
+    if not world.active:
+        return local
+    parts: list[dict[str, torch.Tensor] | None] = [None] * world.size
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in local}
+
+
+def all_objects(obj, world: World) -> list:
+    if not world.active:
+        return [obj]
+    out: list = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
