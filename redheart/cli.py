@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from redheart.config import PRESETS, Config, ConfigError, build_config, load_yaml
@@ -247,7 +248,24 @@ def launch_distributed(args, argv: list[str]) -> int:
         cmd += ["--standalone"]
     cmd += ["-m", "redheart", *rest]
     print(f"[redheart] launching {args.gpus * args.nnodes} processes: {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd)
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exit_file = Path(tmp) / "exit_code"
+        # torchrun passes SIGTERM/SIGINT on to every rank; give them time to save before it kills
+        env = {**os.environ, "REDHEART_EXIT_FILE": str(exit_file),
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")}
+        proc = subprocess.Popen(cmd, env=env)
+        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        # rank 0's own exit code (75 for a clean stop, ...) rather than torchrun's summary of it
+        return int(exit_file.read_text()) if exit_file.exists() else code
 
 
 def cmd_train(args, mode: str) -> int:

@@ -89,6 +89,25 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
             p.grad.copy_(g)
 
 
+LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
+
+
+def sum_scalars(parts: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """Sum the step's loss components across ranks (one small all-reduce). A rank that had no
+    sample this step contributes zeros; a component no rank has stays absent."""
+    ref = next(iter(parts.values()), None)
+    device = ref.device if ref is not None else (torch.device("cuda", world.local_rank)
+                                                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+    vec = torch.zeros(2 * len(LOSS_KEYS), device=device)
+    for i, k in enumerate(LOSS_KEYS):
+        if k in parts:
+            vec[i] = parts[k]
+            vec[len(LOSS_KEYS) + i] = 1.0
+    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+    present = vec[len(LOSS_KEYS):].tolist()
+    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if present[i] > 0}
+
+
 def gather_rows(local: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
     """Concatenate every rank's rows (in rank order) of each tensor; on one process, as is."""
     if not world.active:
@@ -104,3 +123,22 @@ def all_objects(obj, world: World) -> list:
     out: list = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast(obj, world: World):
+    """Rank 0's `obj` on every rank (a small picklable object)."""
+    if not world.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when `flag` is true on any of them (a stop request seen by one rank)."""
+    if not world.active:
+        return flag
+    device = torch.device("cuda", world.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -50,15 +50,15 @@ class RunOptions:
     mode: str = "unified-train"  # the run_learning.sh mode, for the "resume with" hint
 
 
-def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None]:
-    """(config, paths, resume state or None, warm-start snapshot or None)."""
+def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """(config, paths, resume state or None, warm-start snapshot or None, the file either came from)."""
     root = Path(cfg.output_dir)
     if opts.resume:
         if opts.resume == "latest":
             skipped: list[dict[str, Any]] = []
-            state, _ = find_resume_state(root, skipped)
+            state, entry = find_resume_state(root, skipped)
             set_aside(root, skipped)
-            path = None
+            path = Path(entry["path"])
         else:
             path = Path(opts.resume)
             if path.is_dir():
@@ -77,10 +77,10 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
             saved.train.epochs = cfg.train.epochs
         paths = RunPaths(root, state["run_id"])
         if state.get("kind") == "resume":
-            return saved.validate(), paths, state, None
+            return saved.validate(), paths, state, None, str(path)
         log.warning("%s is an epoch snapshot (weights only): training continues from its weights "
                     "with a fresh optimizer; for an exact resume use --resume latest", path)
-        return saved.validate(), RunPaths(root, timestamp()), None, state
+        return saved.validate(), RunPaths(root, timestamp()), None, state, str(path)
     registry = read_registry(root)
     if registry and not registry[-1].get("finished") and not opts.restart:
         raise UsageError(f"{root} holds an unfinished run ({registry[-1].get('run_id')}, epoch "
@@ -89,7 +89,36 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
     run_id = timestamp()
     while (root / "logs" / f"training_{run_id}.log").exists():
         run_id += "_1"
-    return cfg, RunPaths(root, run_id), None, None
+    return cfg, RunPaths(root, run_id), None, None, None
+
+
+def open_run_everywhere(cfg: Config, opts: RunOptions, world) -> tuple[Config, RunPaths, dict[str, Any] | None,
+                                                                        dict[str, Any] | None]:
+    """open_run on rank 0 (it may set damaged files aside); the other ranks take its decision
+    (config, run id, the file to start from) and load that file themselves."""
+    from redheart import dist as rdist
+
+    if not world.active:
+        return open_run(cfg, opts)[:4]
+    if world.main:
+        try:
+            cfg, paths, state, warm, source = open_run(cfg, opts)
+        except Exception as exc:
+            rdist.broadcast({"error": str(exc)}, world)
+            raise
+        rdist.broadcast({"config": cfg.to_dict(), "run_id": paths.run_id, "source": source,
+                         "warm": warm is not None}, world)
+        return cfg, paths, state, warm
+    told = rdist.broadcast(None, world)
+    if "error" in told:
+        raise SystemExit(2)  # rank 0 says what went wrong
+    device = cfg.train.device
+    cfg = Config.from_dict(told["config"])
+    cfg.train.device = device
+    cfg.validate()
+    loaded = ckio.load(told["source"], None) if told["source"] else None
+    warm = loaded if told["warm"] else None
+    return cfg, RunPaths(Path(cfg.output_dir), told["run_id"]), None if told["warm"] else loaded, warm
 
 
 def recorded_sha256(path: Path) -> str | None:
@@ -246,46 +275,78 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
 
 def train(cfg: Config, opts: RunOptions) -> int:
     """Run (or resume) training and the analysis; returns the exit code. The signal handlers
-    and test faults it installs are taken away again when it returns."""
+    and test faults it installs are taken away again when it returns.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: each trains on its share of every
+    optimizer step; rank 0 alone writes files and runs the analysis.
+    """
+    from redheart import dist as rdist
+
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    world = rdist.from_env()
     try:
-        return _train(cfg, opts)
+        if world.active:
+            cfg = _join_world(cfg, world)
+        code = _train(cfg, opts, world)
+        if world.main and os.environ.get("REDHEART_EXIT_FILE"):  # the launcher returns rank 0's code
+            Path(os.environ["REDHEART_EXIT_FILE"]).write_text(str(code))
+        return code
     finally:
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])
         ckio.set_faults({})
+        rdist.shutdown()
 
 
-def _train(cfg: Config, opts: RunOptions) -> int:
+def _join_world(cfg: Config, world) -> Config:
+    """This process's device (GPU local_rank, or the CPU with gloo) and the process group."""
+    import torch
+
+    from redheart import dist as rdist
+    from redheart.train.trainer import pick_device
+
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        cfg.train.device = f"cuda:{world.local_rank}"
+    rdist.init(world, device.type)
+    return cfg
+
+
+def _train(cfg: Config, opts: RunOptions, world) -> int:
     ckio.set_faults(opts.faults)
     setup_logging(opts.debug)  # the console, for what opening the run has to say (skipped states, ...)
+    if not world.main:
+        log.setLevel(logging.ERROR)  # rank 0 speaks for all; the others only of their own failures
     early = logging.handlers.BufferingHandler(10_000)
     log.addHandler(early)
     try:
-        cfg, paths, state, warm = open_run(cfg, opts)
+        cfg, paths, state, warm = open_run_everywhere(cfg, opts, world)
     finally:
         log.removeHandler(early)
-    paths.make()
-    setup_logging(opts.debug, paths.log_file)
-    for handler in log.handlers:  # ... and into the log file once it is known
-        if isinstance(handler, logging.FileHandler):
-            for record in early.buffer:
-                handler.handle(record)
-    clean_leftovers(paths)
+    if world.main:
+        paths.make()
+        setup_logging(opts.debug, paths.log_file)
+        for handler in log.handlers:  # ... and into the log file once it is known
+            if isinstance(handler, logging.FileHandler):
+                for record in early.buffer:
+                    handler.handle(record)
+        clean_leftovers(paths)
     stop = StopFlag()
     training = [False]
     install_signal_handlers(stop, lambda: training[0])
     trainer = tb = None
     try:
-        if state is None:
+        if state is None and world.main:
             ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
         session = build_session(cfg)
         from redheart.tb import TensorBoard
 
-        tb = TensorBoard(paths.tensorboard)
+        tb = TensorBoard(paths.tensorboard) if world.main else None
         trainer = Trainer(cfg, paths, session.data, session.features, session.device, stop=stop,
-                          faults=opts.faults, tensorboard=tb)
-        log.info("\n%s", start_summary(cfg, paths, session, trainer))
+                          faults=opts.faults, tensorboard=tb, world=world)
+        if world.main:
+            log.info("\n%s", start_summary(cfg, paths, session, trainer))
         if state is not None:
             trainer.restore(state)
             log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
@@ -299,24 +360,30 @@ def _train(cfg: Config, opts: RunOptions) -> int:
             from redheart.sweep import run_sweep, write_sweep
 
             result = run_sweep(trainer)
-            jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
+            jpath = ppath = None
+            if world.main:
+                jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
             trainer.set_lr(result["lr"])
             trainer.sweep_result = {"lr": result["lr"], "json": jpath, "plot": ppath, "reason": result["reason"]}
-        progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose)
+        progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose) if world.main else None
         training[0] = True
         try:
             history = trainer.fit(progress)
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
     except (TrainingStopped, StopBeforeTraining) as exc:
         stopped = exc if isinstance(exc, TrainingStopped) else \
             TrainingStopped(f"stopped by {exc} before training began", None, code=75)
-        report_stop(stopped, paths, opts.mode)
-        if trainer is not None:
-            _write_side_files(trainer, paths)
+        if world.main:
+            report_stop(stopped, paths, opts.mode)
+            if trainer is not None:
+                _write_side_files(trainer, paths)
         if tb is not None:
             tb.close()
         return stopped.code
+    if not world.main:  # the analysis runs on rank 0 alone
+        return 0
     _write_side_files(trainer, paths)
     # Training is complete and saved; a signal from here on ends the process at once (every
     # file is written atomically), and the analysis can be re-run with `redheart crossover`.

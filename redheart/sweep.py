@@ -88,7 +88,7 @@ def _one_run(trainer: Trainer, lr: float, steps: list[list[int]], init: dict[str
         trainer.apply_update(opt, parts)
         train_losses.append(parts["loss"])
         if s % cfg.sweep.eval_every == 0 or s == len(steps):
-            loss = evaluate(trainer.model, trainer.features["val"], cfg, trainer.dtype)["loss"]
+            loss = evaluate(trainer.model, trainer.features["val"], cfg, trainer.dtype, trainer.world)["loss"]
             curve.append(loss)
             at.append(s)
             if not math.isfinite(loss):
@@ -103,7 +103,7 @@ def run_sweep(trainer: Trainer) -> dict[str, Any]:
     init = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     rng = capture_rng()
     steps = _sweep_steps(trainer, sw.steps)
-    start_loss = evaluate(trainer.model, trainer.features["val"], cfg, trainer.dtype)["loss"]
+    start_loss = evaluate(trainer.model, trainer.features["val"], cfg, trainer.dtype, trainer.world)["loss"]
     lrs = log_spaced(sw.lr_min, sw.lr_max, sw.points)
     log.info("LR sweep: %d rates from %.1e to %.1e, %d steps each (start val loss %.4f)",
              len(lrs), lrs[0], lrs[-1], len(steps), start_loss)

@@ -6,8 +6,13 @@ step k, then a random delay (REDHEART_FAULT_SEED=N draws other points). Corrupte
 files with flipped bytes or cut short; a full disk is an injected ENOSPC inside the write, or a
 free-space check that finds too little. Each scenario ends with the uninterrupted run's final
 weights bit for bit (model, EMA, optimizer, schedule, metrics history), or with the exact error
-expected. The scenarios that need no signal run in this process, on one thread like the
-subprocesses, so their weights are comparable with the subprocess reference.
+expected.
+
+The scenarios' processes all start with the module, each driven by a thread of this process
+(a process trains on one thread, so together they keep the cores busy); each test then takes
+its scenario's outcome. The resumes after a kill (one goes through the CLI end to end, in the
+SIGTERM scenario) and the scenarios that need no signal run in this process, on one thread like
+the subprocesses, so their weights compare bit for bit with the subprocess reference.
 
 The figures (scenarios, kills survived, corruptions caught, records lost) are printed when the
 module ends.
@@ -26,6 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,6 +52,7 @@ IN_PROCESS = dict(data__max_records=60, train__epochs=EPOCHS, train__grad_accum=
 TIMING_KEYS = {"seconds", "samples_per_s", "tokens_per_s", "memory", "timestamp"}
 
 FIGURES: Counter = Counter()
+STARTED: list[subprocess.Popen] = []  # every process this module started, ended at its teardown
 
 
 def rng_for(name: str) -> random.Random:
@@ -73,6 +80,7 @@ class Proc:
         cmd = command or [sys.executable, "-m", "redheart", *args]
         self.p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(faults), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
+        STARTED.append(self.p)
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -142,9 +150,10 @@ def temp_files(root: Path) -> list[Path]:
 
 
 def wait_for_temp(folder: Path, proc: Proc, timeout: float = 300) -> Path:
+    """A checkpoint's temporary file with its first bytes written (the slowed write pauses there)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [p for p in temp_files(folder) if ".pt.tmp-" in p.name]
+        found = [p for p in temp_files(folder) if ".pt.tmp-" in p.name and p.exists() and p.stat().st_size > 0]
         if found:
             return found[0]
         assert proc.p.poll() is None, f"the process ended without a checkpoint write in progress:\n{proc.text}"
@@ -252,6 +261,146 @@ class Reference:
         return ckio.load(entry["path"], entry["sha256"])
 
 
+# ---------------------------------------------------------------------------------------
+# The signal scenarios' processes. Each runs on one thread, so they are all started together
+# when the module starts (in threads of this process) and a test takes its scenario's outcome;
+# the in-process resumes and comparisons then run in the test itself.
+
+
+def stop_with_sigterm(out: Path, rng: random.Random) -> dict:
+    """A run stopped by SIGTERM in its second epoch. The signal goes twice at once, as GNU
+    timeout sends it (to the child, then to its group): that is still one clean stop."""
+    p = Proc(train_args(out))
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
+    p.wait_step(k)
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGTERM)
+    p.send(signal.SIGTERM)
+    return {"out": out, "rc": p.finish(), "text": p.text, "k": k}
+
+
+def kill_three_times(out: Path, rng: random.Random) -> dict:
+    """kill -9: at a random step; while a checkpoint's temporary file is half written (writes
+    slowed to 3 s by a test hook); right after the final snapshot's 'saved' line (while the
+    resume state is being written). Each next process continues from what is on disk."""
+    ck = out / "checkpoints_final"
+    p1 = Proc(train_args(out))
+    p1.wait_step(rng.randint(1, 2 * STEPS_PER_EPOCH - 1))
+    time.sleep(rng.uniform(0, 0.3))
+    p1.send(signal.SIGKILL)
+    rc1 = p1.finish()
+
+    p2 = Proc(resume_or_start(out), faults={"slow_write_s": 3})
+    tmp = wait_for_temp(ck, p2)
+    time.sleep(rng.uniform(0, 0.5))
+    p2.send(signal.SIGKILL)
+    rc2 = p2.finish()
+    tmp_size = tmp.stat().st_size if tmp.is_file() else None
+    target = ck / re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", tmp.name)
+    listed = {e["path"]: e["sha256"] for e in ckio.read_metadata(ck) + read_registry(out)}
+    target_sound = str(target) not in listed or bool(ckio.load(target, listed[str(target)]))
+
+    p3 = Proc(resume_or_start(out))
+    p3.wait_for(r"saved checkpoint_epoch_0002")
+    p3.send(signal.SIGKILL)
+    rc3 = p3.finish()
+    return {"rcs": [rc1, rc2, rc3], "tmp": tmp, "tmp_size": tmp_size, "target_sound": target_sound, "p3": p3.text}
+
+
+def interrupt_twice(out: Path, rng: random.Random) -> dict:
+    """Ctrl-C in epoch 2, then Ctrl-C again (after the 1 s in which a repeat counts as the same
+    request) while the resumable state is being written, slowed to 5 s by a test hook."""
+    p = Proc(train_args(out), faults={"slow_write_s": 5})
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
+    p.wait_step(k)
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGINT)
+    p.wait_for(r"SIGINT received: stopping after the current optimizer step")
+    handled = time.monotonic()  # the handler had run: the 1 s counts from here at the latest
+    tmp = wait_for_temp(out / "checkpoints_final", p)
+    time.sleep(max(0.0, handled + 1.2 - time.monotonic()))
+    second = time.monotonic()
+    p.send(signal.SIGINT)
+    rc = p.finish()
+    return {"rc": rc, "seconds": time.monotonic() - second, "text": p.text, "tmp": tmp, "tmp_left": tmp.is_file()}
+
+
+def expire_timeout(out: Path, rng: random.Random) -> dict:
+    """`timeout -s TERM 600 python -m redheart unified-test --samples 2 --debug --verbose ...`
+    with the timer made to expire at a chosen step (SIGALRM to timeout is its expiry)."""
+    args = ["unified-test", "--samples", str(EPOCHS), "--debug", "--verbose", *COMMON, "--output-dir", str(out)]
+    p = Proc([], command=["timeout", "-s", "TERM", "600", sys.executable, "-m", "redheart", *args])
+    p.wait_step(rng.randint(2, 2 * STEPS_PER_EPOCH - 2))
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGALRM)
+    return {"rc": p.finish(), "text": p.text}
+
+
+def stop_during_setup(out: Path, rng: random.Random) -> dict:
+    p = Proc(train_args(out))
+    p.wait_for(r"encoder states: ")
+    p.send(signal.SIGTERM)
+    return {"rc": p.finish(), "text": p.text}
+
+
+def corrupt_a_snapshot(d: Path, rng: random.Random, reference: "Reference") -> dict:
+    """A flipped epoch snapshot in a copy of the reference run, met by `validate` and by
+    `crossover` (the two at once)."""
+    assert reference.proc.finish() == 0, reference.proc.text
+    out = copy_run(reference.out, d / "run")
+    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
+    flip_bytes(snap, rng)
+    validate = Proc(["validate", "--preset", "tiny", "--device", "cpu", "--output-dir", str(out)])
+    crossover = Proc(["crossover", str(out), "--device", "cpu"])
+    return {"snap": snap, "validate": (validate.finish(), validate.text), "crossover": (crossover.finish(), crossover.text)}
+
+
+class Payload:
+    """Any class of the user's: pickled, it needs code to come back."""
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def load_pickled_code(d: Path, rng: random.Random) -> dict:
+    """A resume state carrying os.system, and a checkpoint holding a user class, given to
+    `--resume` and `predict` (the two at once)."""
+    evil, custom, marker = d / "evil.pt", d / "custom.pt", d / "code-ran"
+    torch.save({"kind": "resume", "model_state": {"w": torch.zeros(2)}, "config": {}, "x": RunsCode(marker)}, evil)
+    torch.save({"model_state": {"w": torch.zeros(2)}, "payload": Payload()}, custom)
+    resume = Proc(train_args(d / "out", "--resume", str(evil)))
+    predict = Proc(["predict", "--checkpoint", str(custom), "I lied to my friend."])
+    return {"evil": evil, "custom": custom, "marker": marker,
+            "resume": (resume.finish(), resume.text), "predict": (predict.finish(), predict.text)}
+
+
+def nan_three_in_a_row(d: Path, rng: random.Random) -> dict:
+    """NaN losses at steps 7, 8 and 9 (REDHEART_FAULTS) with train.max_bad_steps=3."""
+    bad = [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH + 2]  # as the log counts steps: from 0
+    p = Proc(train_args(d, "--set", "train.max_bad_steps=3"), faults={"nan_at_steps": bad})
+    return {"out": d, "rc": p.finish(), "text": p.text}
+
+
+def oom_then_stop(d: Path, rng: random.Random) -> dict:
+    """An injected OOM at step 2, straight through and stopped at step 9 (the two at once)."""
+    straight = Proc(train_args(d / "straight"), faults={"oom_at_step": 2})
+    stopped = Proc(train_args(d / "stopped"), faults={"oom_at_step": 2, "stop_at_step": 9})
+    return {"straight": (d / "straight", straight.finish(), straight.text),
+            "stopped": (d / "stopped", stopped.finish(), stopped.text)}
+
+
+SCENARIOS = {"sigterm": stop_with_sigterm, "sigkill": kill_three_times, "sigint": interrupt_twice,
+             "setup": stop_during_setup, "snapshot": corrupt_a_snapshot, "pickled": load_pickled_code,
+             "nan": nan_three_in_a_row, "oom": oom_then_stop}
+if shutil.which("timeout"):
+    SCENARIOS["timeout"] = expire_timeout
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     ref = Reference(tmp_path_factory.mktemp("reference"))
@@ -260,302 +409,59 @@ def reference(tmp_path_factory):
         ref.proc.p.kill()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def scenario(tmp_path_factory, reference):
+    """name -> the outcome of that scenario's processes (a future: .result()). Started with the
+    module, so that they run while the in-process scenarios run in the main thread."""
+    pool = ThreadPoolExecutor(max_workers=len(SCENARIOS))
+    futures = {name: pool.submit(fn, tmp_path_factory.mktemp(name), rng_for(name),
+                                 *([reference] if name == "snapshot" else [])) for name, fn in SCENARIOS.items()}
+    yield futures
+    for p in STARTED:  # those of scenarios a -k selection left unread
+        if p.poll() is None:
+            p.kill()
+    pool.shutdown(wait=True)
+
+
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory, reference):
-    """A run stopped by SIGTERM in its second epoch (its copies are resumed and corrupted).
-    The signal goes twice at once, as GNU timeout sends it (to the child, then to its group):
-    that is still one clean stop, not a kill."""
-    rng = rng_for("sigterm")
-    out = tmp_path_factory.mktemp("stopped")
-    p = Proc(train_args(out))
-    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
-    p.wait_step(k)
-    time.sleep(rng.uniform(0, 0.2))
-    p.send(signal.SIGTERM)
-    p.send(signal.SIGTERM)
-    rc = p.finish()
-    FIGURES["kills survived"] += 1
-    return {"out": out, "rc": rc, "text": p.text, "k": k}
+def stopped(scenario):
+    return scenario["sigterm"].result()
 
 
 # ---------------------------------------------------------------------------------------
-# Signals
+# In this process first, while the scenarios' processes run in the background
 
 
-def test_sigterm_mid_epoch_exits_75_says_where_to_resume_and_resumes_bit_for_bit(stopped, reference, tmp_path):
+def test_leftover_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        gone = tmp_path / f".resume_state_x_step00000004.pt.tmp-{dead.stdout.strip()}"
+        live = tmp_path / f".metadata.json.tmp-{sleeper.pid}"
+        other = tmp_path / "notes.tmp-1"
+        for p in (gone, live, other):
+            p.write_bytes(b"partial")
+        assert ckio.clean_stale_temp(tmp_path) == [gone]
+        assert not gone.exists() and live.exists() and other.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, one_thread):
     FIGURES["scenarios"] += 1
-    assert stopped["rc"] == 75, stopped["text"]
-    text = stopped["text"]
-    assert "SIGTERM received: stopping after the current optimizer step" in text
-    m = re.search(r"stopped by SIGTERM after step (\d+) \(epoch 2, step (\d+)/6\)", text)
-    assert m, text
-    step = int(m.group(1))
-    assert stopped["k"] <= step < EPOCHS * STEPS_PER_EPOCH
-    hint = re.search(r"resume with: bash run_learning.sh unified-train --resume (\S+)   \(or --resume latest\)", text)
-    assert hint and hint.group(1).endswith(f"_step{step:08d}.pt") and Path(hint.group(1)).is_file(), text
-    entries = read_registry(stopped["out"])
-    assert [e["global_step"] for e in entries] == [STEPS_PER_EPOCH, step]
-    assert "Traceback" not in text
-
-    out = copy_run(stopped["out"], tmp_path / "run")
-    rc, text = cli_run(train_args(out, "--resume", "latest"))
-    assert rc == 0, text
-    assert f"at epoch 2, step {step - STEPS_PER_EPOCH} (global step {step})" in text
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-def test_sigkill_at_random_moments_and_mid_write_then_resume_equals_the_straight_run(reference, tmp_path, one_thread):
-    """Three kills -9: at a random step; while a checkpoint's temporary file is half written;
-    right after the final snapshot's 'saved' line (the resume state being written). Each time
-    the next process continues from the last complete state."""
-    FIGURES["scenarios"] += 1
-    rng = rng_for("sigkill")
     out = tmp_path / "run"
-    ck = out / "checkpoints_final"
-
-    p = Proc(train_args(out))  # 1: at a random step
-    p.wait_step(rng.randint(1, 2 * STEPS_PER_EPOCH - 1))
-    time.sleep(rng.uniform(0, 0.3))
-    p.send(signal.SIGKILL)
-    assert p.finish() == -signal.SIGKILL
-    FIGURES["kills survived"] += 1
-
-    p = Proc(resume_or_start(out), faults={"slow_write_s": 3})  # 2: inside a checkpoint write
-    tmp = wait_for_temp(ck, p)
-    time.sleep(rng.uniform(0, 0.5))
-    p.send(signal.SIGKILL)
-    assert p.finish() == -signal.SIGKILL
-    FIGURES["kills survived"] += 1
-    assert tmp.is_file() and tmp.stat().st_size > 0  # a partial file, under its temporary name only
-    target = ck / re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", tmp.name)
-    listed = {e["path"]: e["sha256"] for e in ckio.read_metadata(ck) + read_registry(out)}
-    assert str(target) not in listed or ckio.load(target, listed[str(target)])
-
-    p = Proc(resume_or_start(out))  # 3: right after the final snapshot is saved
-    p.wait_for(r"saved checkpoint_epoch_0002")
-    p.send(signal.SIGKILL)
-    assert p.finish() == -signal.SIGKILL
-    FIGURES["kills survived"] += 1
-    assert f"removed 1 temporary file(s) left by an interrupted write: {tmp.name}" in p.text
-
-    assert read_registry(out) and resume_here(out) == 0
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-def test_sigint_twice_stops_at_once_and_the_last_complete_state_resumes(reference, tmp_path, one_thread):
-    """Ctrl-C, then Ctrl-C again while the resumable state is being written (slowed to 3 s by a
-    test hook): the process ends at once by the signal, leaving a partial temporary file; the
-    state of the last epoch's end resumes to the same final weights. (A repeat within a second
-    counts as the same request, see test_timeout_from_the_guide...)."""
-    FIGURES["scenarios"] += 1
-    rng = rng_for("sigint")
-    out = tmp_path / "run"
-    p = Proc(train_args(out), faults={"slow_write_s": 3})
-    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
-    p.wait_step(k)
-    time.sleep(rng.uniform(0, 0.2))
-    first = time.monotonic()
-    p.send(signal.SIGINT)
-    p.wait_for(r"SIGINT received: stopping after the current optimizer step")
-    tmp = wait_for_temp(out / "checkpoints_final", p)
-    time.sleep(max(0.0, first + 1.2 - time.monotonic()))
-    second = time.monotonic()
-    p.send(signal.SIGINT)
-    assert p.finish() == -signal.SIGINT, p.text
-    assert time.monotonic() - second < 1.5  # at once, not after the 3 s write
-    assert "stopped by SIGINT" not in p.text and tmp.is_file()
-    FIGURES["kills survived"] += 1
-    assert [e["global_step"] for e in read_registry(out)] == [STEPS_PER_EPOCH]
-
-    assert resume_here(out) == 0
+    faults = {"nan_at_steps": [3], "inf_grad_at_steps": [8]}
+    assert run(tiny_config(out, **IN_PROCESS), analysis=False, faults=faults) == 0
+    FIGURES["non-finite steps skipped"] += 2
     log = read_log(out)
-    assert f"removed 1 temporary file(s) left by an interrupted write: {tmp.name}" in log
-    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in log
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs GNU timeout")
-def test_timeout_from_the_guide_stops_cleanly_with_a_resumable_state(reference, tmp_path, one_thread):
-    """`timeout -s TERM N python -m redheart unified-test --samples 2 --debug --verbose`: the timer
-    is made to expire at a chosen step (SIGALRM to timeout is its expiry); timeout then sends
-    SIGTERM to the child and again to its group. The run stops cleanly (timeout exits 124) and
-    `--resume latest` ends with the uninterrupted run's weights."""
-    FIGURES["scenarios"] += 1
-    rng = rng_for("timeout")
-    out = tmp_path / "run"
-    args = ["unified-test", "--samples", str(EPOCHS), "--debug", "--verbose", *COMMON, "--output-dir", str(out)]
-    p = Proc([], command=["timeout", "-s", "TERM", "600", sys.executable, "-m", "redheart", *args])
-    p.wait_step(rng.randint(2, 2 * STEPS_PER_EPOCH - 2))
-    time.sleep(rng.uniform(0, 0.2))
-    p.send(signal.SIGALRM)
-    assert p.finish() == 124, p.text
-    FIGURES["kills survived"] += 1
-    assert "SIGTERM received" in p.text and "Traceback" not in p.text
-    assert re.search(r"resume with: bash run_learning.sh unified-test --resume \S+resume_state_", p.text), p.text
-
-    assert resume_here(out) == 0
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-def test_a_signal_before_training_begins_stops_at_once_with_nothing_to_resume(tmp_path):
-    """SIGTERM while the session is being built (encoder, data): nothing was trained, so the
-    process stops at once with 75 and says there is nothing to resume."""
-    FIGURES["scenarios"] += 1
-    out = tmp_path / "run"
-    p = Proc(train_args(out))
-    p.wait_for(r"encoder states: ")
-    p.send(signal.SIGTERM)
-    assert p.finish() == 75, p.text
-    FIGURES["kills survived"] += 1
-    assert "stopped by SIGTERM before training began" in p.text
-    assert "nothing to resume: no training state was saved yet; run the command again" in p.text
-    assert "Traceback" not in p.text and read_registry(out) == []
-
-
-# ---------------------------------------------------------------------------------------
-# Corruption
-
-
-def test_a_corrupted_newest_resume_state_is_named_and_the_previous_one_resumes(stopped, reference, tmp_path, one_thread):
-    FIGURES["scenarios"] += 1
-    out = copy_run(stopped["out"], tmp_path / "run")
-    newest = Path(read_registry(out)[-1]["path"])
-    flip_bytes(newest, rng_for("flip"))
-    FIGURES["corruptions caught"] += 1
-    assert resume_here(out) == 0
-    text = read_log(out)
-    assert re.search(rf"skipping {re.escape(newest.name)}: checkpoint \S+ is corrupted: SHA-256 \w+\.\.\. does "
-                     rf"not match the recorded \w+\.\.\.", text), text
-    assert f"resuming from the previous good state {Path(read_registry(stopped['out'])[0]['path']).name}" in text
-    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in text
-    assert newest.with_name(newest.name + ".corrupt").is_file()  # kept aside, out of the registry
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "registry garbage", "registry not a list"])
-def test_resume_latest_falls_back_past_damage(stopped, tmp_path, damage):
-    """What --resume latest loads (find_resume_state) when the newest state is cut short or gone,
-    or when resume_states.json itself is unreadable (the folder is scanned instead)."""
-    FIGURES["scenarios"] += 1
-    out = copy_run(stopped["out"], tmp_path / "run")
-    entries = read_registry(out)
-    newest, previous = Path(entries[-1]["path"]), Path(entries[0]["path"])
-    registry = out / "checkpoints_final" / "resume_states.json"
-    if damage == "truncated":
-        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    elif damage == "deleted":
-        newest.unlink()
-    elif damage == "registry garbage":
-        registry.write_bytes(b"\x00{not json")
-    else:
-        registry.write_text('{"path": 3}')
-    FIGURES["corruptions caught"] += 1
-    state, entry = find_resume_state(out)
-    expect = newest if damage.startswith("registry") else previous
-    assert Path(entry["path"]) == expect
-    assert same_tensors(state["model_state"], ckio.load(stopped["out"] / "checkpoints_final" / expect.name)["model_state"]) == []
-
-
-def test_unreadable_registry_and_metadata_do_not_stop_a_resumed_run(stopped, reference, tmp_path, one_thread):
-    """Both lists garbage: the resume finds its state by scanning, the snapshot save moves the bad
-    metadata.json aside and rebuilds it, and the run ends with the straight run's weights."""
-    FIGURES["scenarios"] += 1
-    out = copy_run(stopped["out"], tmp_path / "run")
-    ck = out / "checkpoints_final"
-    (ck / "resume_states.json").write_text("[{\"path\": ")
-    (ck / "metadata.json").write_text("{{{")
-    FIGURES["corruptions caught"] += 2
-    assert run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False) == 0
-    log = next((out / "logs").glob("training_*.log")).read_text()
-    assert "metadata.json is not valid JSON" in log and "rebuilding it from the snapshot files" in log
-    assert list(ck.glob("metadata.json.corrupt-*"))
-    assert [e["epoch"] for e in ckio.read_metadata(ck)] == [2]
-    assert_same_final_state(reference.state(), newest_state(out))
-    assert_files_sound(out)
-
-
-def test_a_corrupted_snapshot_fails_validate_and_is_refused_by_crossover(reference, tmp_path):
-    FIGURES["scenarios"] += 1
-    reference.state()
-    out = copy_run(reference.out, tmp_path / "run")
-    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
-    flip_bytes(snap, rng_for("snapshot"))
-    FIGURES["corruptions caught"] += 1
-    validate = Proc(["validate", "--preset", "tiny", "--device", "cpu", "--output-dir", str(out)])
-    crossover = Proc(["crossover", str(out), "--device", "cpu"])
-    rc, text = validate.finish(), validate.text
-    assert rc == 1, text
-    assert re.search(rf"\[FAIL\] checkpoints .*1 of 3 checkpoint\(s\) bad: checkpoint \S+{re.escape(snap.name)} "
-                     rf"is corrupted: SHA-256", text), text
-    rc, text = crossover.finish(), crossover.text
-    assert rc == 2 and "Traceback" not in text, text
-    assert re.search(rf"^error: checkpoint \S+{re.escape(snap.name)} is corrupted: SHA-256 \w+\.\.\. does not match "
-                     rf"the recorded \w+\.\.\.$", text, re.M), text
-
-
-def test_resume_from_a_path_verifies_listed_checksums_and_warns_for_unlisted_files(reference, tmp_path, one_thread):
-    """--resume PATH: a snapshot listed in metadata.json is verified (a flipped copy is refused,
-    naming it); one that is listed nowhere (copied elsewhere) loads with a warning that its
-    checksum cannot be verified, as a warm start."""
-    from redheart.run import RunOptions, train
-
-    FIGURES["scenarios"] += 1
-    reference.state()
-    out = copy_run(reference.out, tmp_path / "run")
-    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
-    elsewhere = tmp_path / "elsewhere" / snap.name
-    elsewhere.parent.mkdir()
-    shutil.copy(snap, elsewhere)
-    flip_bytes(snap, rng_for("listed"))
-    FIGURES["corruptions caught"] += 1
-    with pytest.raises(ckio.CheckpointError, match=rf"checkpoint {re.escape(str(snap))} is corrupted: SHA-256 .+ "
-                                                    rf"\(--resume latest takes the newest sound resume state\)"):
-        train(tiny_config(out, **IN_PROCESS), RunOptions(resume=str(snap), analysis=False))
-    assert train(tiny_config(tmp_path / "warm", **IN_PROCESS), RunOptions(resume=str(elsewhere), analysis=False)) == 0
-    log = read_log(tmp_path / "warm")
-    assert f"{elsewhere} is not listed in {elsewhere.parent}/metadata.json or resume_states.json: its checksum " \
-           f"cannot be verified" in log
-    assert "is an epoch snapshot (weights only)" in log
-    assert f"nothing to train: the weights are at epoch {EPOCHS} of {EPOCHS} (give --epochs N to train further)" in log
-
-
-class Payload:
-    """Any class of the user's: pickled, it needs code to come back."""
-
-
-def test_a_checkpoint_carrying_pickled_code_is_refused_by_resume_and_predict(tmp_path):
-    FIGURES["scenarios"] += 1
-    marker = tmp_path / "code-ran"
-
-    class Run:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    torch.save({"kind": "resume", "model_state": {"w": torch.zeros(2)}, "config": {}, "x": Run()}, evil)
-    custom = tmp_path / "custom.pt"
-    torch.save({"model_state": {"w": torch.zeros(2)}, "payload": Payload()}, custom)
-    FIGURES["corruptions caught"] += 2
-
-    resume = Proc(train_args(tmp_path / "out", "--resume", str(evil)))
-    predict = Proc(["predict", "--checkpoint", str(custom), "I lied to my friend."])
-    rc, text = resume.finish(), resume.text
-    assert rc == 2, text
-    assert text.strip().splitlines()[-1] == (
-        f"error: refused to load {evil}: it holds pickled Python objects (posix.system), not only tensors "
-        f"and plain values, and loading it could run code. Only checkpoints written by this system load. "
-        f"(--resume latest takes the newest sound resume state)")
-    rc, text = predict.finish(), predict.text
-    assert rc == 2, text
-    assert re.fullmatch(rf"error: refused to load {re.escape(str(custom))}: it holds pickled Python objects "
-                        rf"\(\S*Payload\), not only tensors and plain values, and loading it could run code\. "
-                        rf"Only checkpoints written by this system load\.", text.strip().splitlines()[-1]), text
-    assert "Traceback" not in text and not marker.exists()
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in log
+    assert "step 8: non-finite loss or gradient, update skipped (1 in a row, 2 in all)" in log
+    state = newest_state(out)
+    assert [r["bad_steps"] for r in state["history"]] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in state["history"])
+    assert state["ema"]["num_updates"] == state["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH - 2
+    assert all(torch.isfinite(v).all() for v in state["model_state"].values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,35 +533,236 @@ def test_disk_full_writing_metadata_lists_no_missing_file(tmp_path, one_thread):
     assert newest_state(out)["finished"]
 
 
-# ---------------------------------------------------------------------------------------
-# Numerical faults
+def test_resume_from_a_path_verifies_listed_checksums_and_warns_for_unlisted_files(reference, tmp_path, one_thread):
+    """--resume PATH: a snapshot listed in metadata.json is verified (a flipped copy is refused,
+    naming it); one that is listed nowhere (copied elsewhere) loads with a warning that its
+    checksum cannot be verified, as a warm start."""
+    from redheart.run import RunOptions, train
 
-
-def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, one_thread):
     FIGURES["scenarios"] += 1
-    out = tmp_path / "run"
-    faults = {"nan_at_steps": [3], "inf_grad_at_steps": [8]}
-    assert run(tiny_config(out, **IN_PROCESS), analysis=False, faults=faults) == 0
-    FIGURES["non-finite steps skipped"] += 2
+    reference.state()
+    out = copy_run(reference.out, tmp_path / "run")
+    snap = Path(ckio.read_metadata(out / "checkpoints_final")[-1]["path"])
+    elsewhere = tmp_path / "elsewhere" / snap.name
+    elsewhere.parent.mkdir()
+    shutil.copy(snap, elsewhere)
+    flip_bytes(snap, rng_for("listed"))
+    FIGURES["corruptions caught"] += 1
+    with pytest.raises(ckio.CheckpointError, match=rf"checkpoint {re.escape(str(snap))} is corrupted: SHA-256 .+ "
+                                                    rf"\(--resume latest takes the newest sound resume state\)"):
+        train(tiny_config(out, **IN_PROCESS), RunOptions(resume=str(snap), analysis=False))
+    assert train(tiny_config(tmp_path / "warm", **IN_PROCESS), RunOptions(resume=str(elsewhere), analysis=False)) == 0
+    log = read_log(tmp_path / "warm")
+    assert f"{elsewhere} is not listed in {elsewhere.parent}/metadata.json or resume_states.json: its checksum " \
+           f"cannot be verified" in log
+    assert "is an epoch snapshot (weights only)" in log
+    assert f"nothing to train: the weights are at epoch {EPOCHS} of {EPOCHS} (give --epochs N to train further)" in log
+
+
+# ---------------------------------------------------------------------------------------
+# Signals
+
+
+def test_sigterm_mid_epoch_exits_75_says_where_to_resume_and_resumes_bit_for_bit(stopped, reference, tmp_path):
+    FIGURES["scenarios"] += 1
+    assert stopped["rc"] == 75, stopped["text"]
+    FIGURES["kills survived"] += 1
+    text = stopped["text"]
+    assert "SIGTERM received: stopping after the current optimizer step" in text
+    m = re.search(r"stopped by SIGTERM after step (\d+) \(epoch 2, step (\d+)/6\)", text)
+    assert m, text
+    step = int(m.group(1))
+    assert stopped["k"] <= step < EPOCHS * STEPS_PER_EPOCH
+    hint = re.search(r"resume with: bash run_learning.sh unified-train --resume (\S+)   \(or --resume latest\)", text)
+    assert hint and hint.group(1).endswith(f"_step{step:08d}.pt") and Path(hint.group(1)).is_file(), text
+    entries = read_registry(stopped["out"])
+    assert [e["global_step"] for e in entries] == [STEPS_PER_EPOCH, step]
+    assert "Traceback" not in text
+
+    out = copy_run(stopped["out"], tmp_path / "run")
+    rc, text = cli_run(train_args(out, "--resume", "latest"))  # the CLI end to end, once
+    assert rc == 0, text
+    assert f"at epoch 2, step {step - STEPS_PER_EPOCH} (global step {step})" in text
+    # the data position: it goes on with the next step of the same epoch's plan
+    assert re.search(rf"step {step - STEPS_PER_EPOCH + 1}/6 \(global {step + 1}\)", text), text
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_sigkill_at_random_moments_and_mid_write_then_resume_equals_the_straight_run(scenario, reference, one_thread):
+    FIGURES["scenarios"] += 1
+    res = scenario["sigkill"].result()
+    out = res["tmp"].parents[1]
+    assert res["rcs"] == [-signal.SIGKILL] * 3
+    FIGURES["kills survived"] += 3
+    assert res["tmp_size"], "the kill inside a write leaves a partial file, under its temporary name only"
+    assert res["target_sound"]
+    assert f"removed 1 temporary file(s) left by an interrupted write: {res['tmp'].name}" in res["p3"]
+    assert read_registry(out) and resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_sigint_twice_stops_at_once_and_the_last_complete_state_resumes(scenario, reference, one_thread):
+    """The second Ctrl-C ends the process by the signal within moments, not after the 5 s
+    write; it leaves a partial temporary file; the state of epoch 1's end resumes to the same
+    final weights."""
+    FIGURES["scenarios"] += 1
+    res = scenario["sigint"].result()
+    out = res["tmp"].parents[1]
+    assert res["rc"] == -signal.SIGINT, res["text"]
+    assert res["seconds"] < 3
+    assert "SIGINT received again: stopping at once" in res["text"]
+    assert "stopped by SIGINT" not in res["text"] and res["tmp_left"]
+    FIGURES["kills survived"] += 1
+    assert [e["global_step"] for e in read_registry(out)] == [STEPS_PER_EPOCH]
+
+    assert resume_here(out) == 0
     log = read_log(out)
-    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in log
-    assert "step 8: non-finite loss or gradient, update skipped (1 in a row, 2 in all)" in log
-    state = newest_state(out)
-    assert [r["bad_steps"] for r in state["history"]] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in state["history"])
-    assert state["ema"]["num_updates"] == state["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH - 2
-    assert all(torch.isfinite(v).all() for v in state["model_state"].values())
+    assert f"removed 1 temporary file(s) left by an interrupted write: {res['tmp'].name}" in log
+    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in log
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
 
 
-def test_max_bad_steps_in_a_row_stop_with_exit_5_keeping_the_last_good_state(reference, tmp_path, one_thread):
+@pytest.mark.skipif("timeout" not in SCENARIOS, reason="needs GNU timeout")
+def test_timeout_from_the_guide_stops_cleanly_with_a_resumable_state(scenario, reference, one_thread):
+    """timeout sends SIGTERM to the child and again to its group: the run stops cleanly
+    (timeout exits 124) and `--resume latest` ends with the uninterrupted run's weights (the
+    quick test without the LR sweep trains the same steps as unified-train)."""
+    FIGURES["scenarios"] += 1
+    res = scenario["timeout"].result()
+    text = res["text"]
+    assert res["rc"] == 124, text
+    FIGURES["kills survived"] += 1
+    assert "SIGTERM received" in text and "Traceback" not in text
+    hint = re.search(r"resume with: bash run_learning.sh unified-test --resume (\S+resume_state_\S+)", text)
+    assert hint, text
+    out = Path(hint.group(1)).parents[1]
+    assert resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_a_signal_before_training_begins_stops_at_once_with_nothing_to_resume(scenario):
+    """SIGTERM while the session is being built (encoder, data): nothing was trained, so the
+    process stops at once with 75 and says there is nothing to resume."""
+    FIGURES["scenarios"] += 1
+    res = scenario["setup"].result()
+    assert res["rc"] == 75, res["text"]
+    FIGURES["kills survived"] += 1
+    assert "stopped by SIGTERM before training began" in res["text"]
+    assert "nothing to resume: no training state was saved yet; run the command again" in res["text"]
+    assert "Traceback" not in res["text"]
+
+
+# ---------------------------------------------------------------------------------------
+# Corruption
+
+
+def test_a_corrupted_newest_resume_state_is_named_and_the_previous_one_resumes(stopped, reference, tmp_path, one_thread):
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    newest = Path(read_registry(out)[-1]["path"])
+    flip_bytes(newest, rng_for("flip"))
+    FIGURES["corruptions caught"] += 1
+    assert resume_here(out) == 0
+    text = read_log(out)
+    assert re.search(rf"skipping {re.escape(newest.name)}: checkpoint \S+ is corrupted: SHA-256 \w+\.\.\. does "
+                     rf"not match the recorded \w+\.\.\.", text), text
+    assert f"resuming from the previous good state {Path(read_registry(stopped['out'])[0]['path']).name}" in text
+    assert f"at epoch 2, step 0 (global step {STEPS_PER_EPOCH})" in text
+    assert newest.with_name(newest.name + ".corrupt").is_file()  # kept aside, out of the registry
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "registry garbage", "registry not a list"])
+def test_resume_latest_falls_back_past_damage(stopped, tmp_path, damage):
+    """What --resume latest loads (find_resume_state) when the newest state is cut short or gone,
+    or when resume_states.json itself is unreadable (the folder is scanned instead)."""
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    entries = read_registry(out)
+    newest, previous = Path(entries[-1]["path"]), Path(entries[0]["path"])
+    registry = out / "checkpoints_final" / "resume_states.json"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    elif damage == "deleted":
+        newest.unlink()
+    elif damage == "registry garbage":
+        registry.write_bytes(b"\x00{not json")
+    else:
+        registry.write_text('{"path": 3}')
+    FIGURES["corruptions caught"] += 1
+    state, entry = find_resume_state(out)
+    expect = newest if damage.startswith("registry") else previous
+    assert Path(entry["path"]) == expect
+    assert same_tensors(state["model_state"], ckio.load(stopped["out"] / "checkpoints_final" / expect.name)["model_state"]) == []
+
+
+def test_unreadable_registry_and_metadata_do_not_stop_a_resumed_run(stopped, reference, tmp_path, one_thread):
+    """Both lists garbage: the resume finds its state by scanning, the snapshot save moves the bad
+    metadata.json aside and rebuilds it, and the run ends with the straight run's weights."""
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    ck = out / "checkpoints_final"
+    (ck / "resume_states.json").write_text("[{\"path\": ")
+    (ck / "metadata.json").write_text("{{{")
+    FIGURES["corruptions caught"] += 2
+    assert run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False) == 0
+    log = next((out / "logs").glob("training_*.log")).read_text()
+    assert "metadata.json is not valid JSON" in log and "rebuilding it from the snapshot files" in log
+    assert list(ck.glob("metadata.json.corrupt-*"))
+    assert [e["epoch"] for e in ckio.read_metadata(ck)] == [2]
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_a_corrupted_snapshot_fails_validate_and_is_refused_by_crossover(scenario):
+    FIGURES["scenarios"] += 1
+    res = scenario["snapshot"].result()
+    name = re.escape(res["snap"].name)
+    FIGURES["corruptions caught"] += 1
+    rc, text = res["validate"]
+    assert rc == 1, text
+    assert re.search(rf"\[FAIL\] checkpoints .*1 of 3 checkpoint\(s\) bad: checkpoint \S+{name} is corrupted: SHA-256",
+                     text), text
+    rc, text = res["crossover"]
+    assert rc == 2 and "Traceback" not in text, text
+    assert re.search(rf"^error: checkpoint \S+{name} is corrupted: SHA-256 \w+\.\.\. does not match "
+                     rf"the recorded \w+\.\.\.$", text, re.M), text
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_by_resume_and_predict(scenario):
+    FIGURES["scenarios"] += 1
+    res = scenario["pickled"].result()
+    FIGURES["corruptions caught"] += 2
+    rc, text = res["resume"]
+    assert rc == 2 and "Traceback" not in text, text
+    assert text.strip().splitlines()[-1] == (
+        f"error: refused to load {res['evil']}: it holds pickled Python objects (posix.system), not only tensors "
+        f"and plain values, and loading it could run code. Only checkpoints written by this system load. "
+        f"(--resume latest takes the newest sound resume state)")
+    rc, text = res["predict"]
+    assert rc == 2 and "Traceback" not in text, text
+    assert re.fullmatch(rf"error: refused to load {re.escape(str(res['custom']))}: it holds pickled Python objects "
+                        rf"\(\S*Payload\), not only tensors and plain values, and loading it could run code\. "
+                        rf"Only checkpoints written by this system load\.", text.strip().splitlines()[-1]), text
+    assert not res["marker"].exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Numerical faults and the exact resume of the OOM state and the Sweet Spot history
+
+
+def test_max_bad_steps_in_a_row_stop_with_exit_5_keeping_the_last_good_state(scenario, reference, one_thread):
     """Three NaN losses in a row from step 7 with train.max_bad_steps=3: exit 5, and the state
     kept is the one after step 6, bit for bit; it resumes to the end."""
     FIGURES["scenarios"] += 1
-    out = tmp_path / "run"
-    bad = [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH + 2]
-    cfg = tiny_config(out, **IN_PROCESS, train__max_bad_steps=3)
-    assert run(cfg, analysis=False, faults={"nan_at_steps": bad}) == 5
-    text = read_log(out)
+    res = scenario["nan"].result()
+    out, text = res["out"], res["text"]
+    assert res["rc"] == 5, text
     FIGURES["non-finite steps skipped"] += 3
     assert "3 optimizer steps in a row had a non-finite loss or gradient; the last good state is kept" in text
     assert re.search(r"resume with: bash run_learning.sh unified-train --resume \S+_step00000009\.pt", text)
@@ -670,47 +777,28 @@ def test_max_bad_steps_in_a_row_stop_with_exit_5_keeping_the_last_good_state(ref
     assert final["finished"] and final["global_step"] == 12 and final["history"][-1]["bad_steps"] == 3
 
 
-# ---------------------------------------------------------------------------------------
-# Exact resume of the OOM state and the Sweet Spot history
 
 
-def test_resume_after_an_oom_keeps_the_smaller_micro_batch_and_the_sweet_spot_history(tmp_path, one_thread):
+def test_resume_after_an_oom_keeps_the_smaller_micro_batch_and_the_sweet_spot_history(scenario, one_thread):
     """An injected OOM at step 2 halves the micro-batch; a stop in epoch 2 and a resume continue
     with that micro-batch and end equal to the uninterrupted run with the same OOM, including the
     metrics history that Sweet Spot reads and its choices."""
     from redheart.ckpt.sweetspot import analyse
 
     FIGURES["scenarios"] += 1
-    cfg = dict(IN_PROCESS, train__save_every=1)
-    assert run(tiny_config(tmp_path / "a", **cfg), analysis=False, faults={"oom_at_step": 2}) == 0
-    straight = newest_state(tmp_path / "a")
+    res = scenario["oom"].result()
+    (a, rc_a, text_a), (b, rc_b, text_b) = res["straight"], res["stopped"]
+    assert rc_a == 0, text_a
+    assert rc_b == 75, text_b
+    assert "out of memory at step 2: retry with micro-batch 1 (accumulation x2)" in text_a
+    straight, mid = newest_state(a), newest_state(b)
     assert straight["micro_batch"] == 1 and len(straight["oom_events"]) == 1
-
-    b = tmp_path / "b"
-    assert run(tiny_config(b, **cfg), analysis=False, faults={"oom_at_step": 2, "stop_at_step": 9}) == 75
-    mid = newest_state(b)
     assert mid["micro_batch"] == 1 and mid["global_step"] == 9
-    assert run(tiny_config(b, **cfg), resume="latest", analysis=False) == 0
+    assert resume_here(b) == 0
     resumed = newest_state(b)
     assert resumed["micro_batch"] == 1
     keys = ("step", "epoch", "attempt", "micro_batch_before", "micro_batch_after", "action")
     assert [{k: e[k] for k in keys} for e in resumed["oom_events"]] == [{k: e[k] for k in keys} for e in straight["oom_events"]]
     assert_same_final_state(straight, resumed)
-    c = tiny_config(b, **cfg)
-    assert analyse(resumed["history"], {1, 2}, c, "raw") == analyse(straight["history"], {1, 2}, c, "raw")
-
-
-def test_leftover_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        gone = tmp_path / f".resume_state_x_step00000004.pt.tmp-{dead.stdout.strip()}"
-        live = tmp_path / f".metadata.json.tmp-{sleeper.pid}"
-        other = tmp_path / "notes.tmp-1"
-        for p in (gone, live, other):
-            p.write_bytes(b"partial")
-        assert ckio.clean_stale_temp(tmp_path) == [gone]
-        assert not gone.exists() and live.exists() and other.exists()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    cfg = tiny_config(b, **IN_PROCESS)
+    assert analyse(resumed["history"], {1, 2}, cfg, "raw") == analyse(straight["history"], {1, 2}, cfg, "raw")

@@ -28,7 +28,7 @@ from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import World, gather_rows
+from redheart.dist import World, all_objects, any_rank, broadcast, gather_rows, sum_gradients, sum_scalars
 from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
@@ -213,14 +213,14 @@ def evaluate(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: 
 class Trainer:
     def __init__(self, cfg: Config, paths: RunPaths, data: DataBundle, features: dict[str, FeatureSource],
                  device: torch.device, stop: StopFlag | None = None, faults: dict[str, Any] | None = None,
-                 tensorboard=None):
+                 tensorboard=None, world: World | None = None):
         self.cfg, self.paths, self.data, self.features, self.device = cfg, paths, data, features, device
         self.stop = stop or StopFlag()
         self.faults = faults or {}
         self.tb = tensorboard
         self.dtype = amp_dtype(cfg, device)
         self.train_data = data.splits["train"]
-        self.rank, self.world = 0, 1
+        self.world = world or World()
 
         torch.manual_seed(cfg.train.seed)
         with device:  # initialise on the device itself (a 730M init on the CPU takes many seconds)
@@ -264,7 +264,7 @@ class Trainer:
         self.pins: set[str] = set()
         self.finished = False
         self._epoch_t0 = time.time()
-        torch.manual_seed(cfg.train.seed + 1)  # the dropout stream of training proper
+        torch.manual_seed(cfg.train.seed + 1 + self.world.rank)  # the dropout stream of training proper
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -273,7 +273,7 @@ class Trainer:
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
         counts = self.train_data.head_counts(step)
         self._step_counts = counts
-        mine = shard(step, self.rank, self.world)
+        mine = shard(step, self.world.rank, self.world.size)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
@@ -385,7 +385,9 @@ class Trainer:
         event["action"] = "stop"
         event["micro_batch_after"] = before
         self.oom_events.append(event)
-        path = self.save_resume_state()
+        # Under several processes the others are waiting in the gradient all-reduce: no collective
+        # save is possible; torchrun stops them when this rank exits, the last state stays.
+        path = self.save_resume_state() if not self.world.active else None
         raise TrainingStopped(
             f"out of memory at step {self.global_step} with micro-batch {before}: nothing smaller fits. "
             f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
@@ -397,6 +399,9 @@ class Trainer:
         A head without targets in this step takes no part in it (no decay, no momentum), as in
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
         """
+        if self.world.active:  # every rank holds a part of the step: sum gradients and loss parts
+            sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
+            parts.update(sum_scalars(parts, self.world))
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
         for p in hidden:
@@ -462,8 +467,13 @@ class Trainer:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite "
                                           f"loss or gradient; the last good state is kept", path, code=5)
+                if self.faults.get("crash_at_step") == self.global_step and \
+                        self.faults.get("crash_rank", self.world.rank) == self.world.rank:
+                    raise RuntimeError(f"crash injected by a test on rank {self.world.rank}")
                 if self.faults.get("stop_at_step") == self.global_step:
                     self.stop.requested, self.stop.signal_name = True, "a test's stop request"
+                if self.world.active and any_rank(self.stop.requested, self.world) and not self.stop.requested:
+                    self.stop.requested, self.stop.signal_name = True, "a stop request on another rank"
                 if self.stop.requested:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"stopped by {self.stop.signal_name} after step {self.global_step} "
@@ -494,32 +504,33 @@ class Trainer:
         cfg = self.cfg
         seconds = time.time() - self._epoch_t0
         train = self.epoch_stats.means()
-        val = evaluate(self.model, self.features["val"], cfg, self.dtype)
+        val = evaluate(self.model, self.features["val"], cfg, self.dtype, self.world)
         val_ema = None
         if self.ema is not None:
             with self.ema.applied(self.model):
-                val_ema = evaluate(self.model, self.features["val"], cfg, self.dtype)
+                val_ema = evaluate(self.model, self.features["val"], cfg, self.dtype, self.world)
         record = {
             "epoch": self.epoch, "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
             "micro_batch": self.micro_batch, "train": train, "val": val, "val_ema": val_ema,
-            "samples": self.epoch_stats.samples,  # trained in this epoch, across any interruption
+            "samples": self.epoch_stats.samples,  # this epoch's, across interruptions (skipped steps' too)
             "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
             "tokens_per_s": self.epoch_stats.tokens / max(seconds, 1e-9),
             "bad_steps": self.bad_steps_total, "memory": memory.sample(self.device),
             "timestamp": iso_now(),
         }
         self.history.append(record)
-        try:
-            self.write_metrics()
-        except ckio.CheckpointError as exc:  # the history is in the resume state too
-            log.error("metrics record not updated (training continues): %s", exc)
+        if self.world.main:  # every rank holds the same record; one writes it
+            try:
+                self.write_metrics()
+            except ckio.CheckpointError as exc:  # the history is in the resume state too
+                log.error("metrics record not updated (training continues): %s", exc)
         log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s | %.0fs", self.epoch,
                  cfg.train.epochs, train.get("loss", float("nan")), val["loss"],
                  f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"], seconds)
         log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
         if self.tb is not None:
             self.tb.epoch(record)
-        if self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs:
+        if self.world.main and (self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs):
             self.save_snapshot(record)
         self.save_resume_state()
         return record
@@ -591,7 +602,8 @@ class Trainer:
             except OSError as exc:
                 log.warning("retention: could not delete %s: %s", p, exc)
 
-    def resume_state(self) -> dict[str, Any]:
+    def resume_state(self, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        rngs = rngs or [capture_rng()]
         return {
             "kind": "resume", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
             "config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -599,7 +611,7 @@ class Trainer:
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": capture_rng(), "history": self.history, "epoch_stats": self.epoch_stats.state(),
+            "rng": rngs[0], "rng_ranks": rngs, "history": self.history, "epoch_stats": self.epoch_stats.state(),
             "bad_steps_total": self.bad_steps_total, "bad_steps_in_row": self.bad_steps_in_row,
             "oom_events": self.oom_events, "sweep": self.sweep_result, "finished": self.finished,
             "param_counts": self.param_counts,
@@ -608,11 +620,17 @@ class Trainer:
     def save_resume_state(self) -> str | None:
         """Write a resume state and register it; the registry keeps the newest
         `train.resume_states_kept`. On failure the previous states stay as they were and None
-        comes back (also in `last_resume_path`)."""
-        self.last_resume_path = None
+        comes back (also in `last_resume_path`). Under several processes every rank calls it:
+        rank 0 writes, with every rank's RNG streams, and all get its answer."""
+        rngs = all_objects(capture_rng(), self.world)
+        path = self._write_resume_state(rngs) if self.world.main else None
+        self.last_resume_path = broadcast(path, self.world)
+        return self.last_resume_path
+
+    def _write_resume_state(self, rngs: list[dict[str, Any]]) -> str | None:
         path = self.paths.resume_path(self.global_step)
         try:
-            info = ckio.atomic_save(self.resume_state(), path)
+            info = ckio.atomic_save(self.resume_state(rngs), path)
         except ckio.CheckpointError as exc:
             log.error("resume state not saved (the previous one is kept): %s", exc)
             return None
@@ -634,7 +652,6 @@ class Trainer:
         for p in {e["path"] for e in old} | set(orphans):
             if p not in listed:
                 Path(p).unlink(missing_ok=True)
-        self.last_resume_path = str(path)
         return str(path)
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -662,7 +679,14 @@ class Trainer:
         self.oom_events = oom_events
         self.sweep_result = state.get("sweep")
         self.finished = bool(state["finished"])
-        restore_rng(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == self.world.size:  # the same number of processes: each its own streams
+            restore_rng(ranks[self.world.rank])
+        else:  # another number of processes: data order is by step, dropout streams start anew
+            restore_rng(ranks[0])
+            torch.manual_seed(self.cfg.train.seed + 1 + self.world.rank + self.global_step)
+            log.warning("resumed with %d process(es), saved with %d: the dropout streams start anew "
+                        "(data order and position are kept)", self.world.size, len(ranks))
         self._epoch_t0 = time.time()
 
     def set_lr(self, lr: float) -> None:

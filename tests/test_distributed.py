@@ -1,0 +1,97 @@
+"""Several processes through torchrun (gloo on CPU): the summed gradients give the weights of
+the single-process run with the same effective batch; outputs are written once."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, cli, newest_state
+
+# No dropout and no R-Drop: with several ranks only the summation order changes.
+ARGS = ["--preset", "tiny", "--device", "cpu", "--max-records", "70", "--epochs", "2", "--no-lr-sweep",
+        "--set", "train.grad_accum=4", "--set", "model.dropout=0", "--set", "tech.rdrop_alpha=0",
+        "--set", "crossover.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process run every multi-process run is compared with."""
+    out = tmp_path_factory.mktemp("single")
+    one = cli("unified-train", *ARGS, "--output-dir", str(out))
+    assert one.returncode == 0, one.stderr[-2000:]
+    return newest_state(out)
+
+
+def assert_same_weights(a, b):
+    assert a["global_step"] == b["global_step"] > 0
+    for k, v in a["model_state"].items():
+        assert torch.allclose(v, b["model_state"][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_two_gloo_processes_equal_one_process(single, tmp_path):
+    two = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "launching 2 processes" in two.stderr
+    a, b = single, newest_state(tmp_path / "two")
+    assert_same_weights(a, b)
+    assert len(b["rng_ranks"]) == 2  # every rank's streams are in the resume state
+    for ra, rb in zip(a["history"], b["history"]):  # validation reduced across ranks = single process
+        assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4
+        assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-4
+    meta = json.loads((tmp_path / "two" / "checkpoints_final" / "metadata.json").read_text())
+    assert [m["epoch"] for m in meta] == [2]  # written once (rank 0), not once per rank
+    assert len(list((tmp_path / "two" / "logs").glob("training_*.log"))) == 1
+
+
+def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
+    proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "--gpus 4" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stop_under_two_processes_resumes_on_one_with_the_same_weights(single, tmp_path):
+    """A stop mid-epoch (the same request reaching both ranks) exits 75 with one resume state;
+    resumed by a single process it ends where the single-process run ends."""
+    out = str(tmp_path / "run")
+    stopped = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", out,
+                  env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 3})})
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "resume with:" in stopped.stderr
+    state = newest_state(tmp_path / "run")
+    assert state["global_step"] == 3 and len(state["rng_ranks"]) == 2
+    resumed = cli("unified-train", *ARGS, "--output-dir", out, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "saved with 2" in resumed.stderr  # said: the dropout streams start anew
+    assert_same_weights(single, newest_state(tmp_path / "run"))
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_cleanly(tmp_path):
+    """`timeout` or Ctrl-C reach the launcher; every rank finishes its step, rank 0 saves, 75."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "redheart", "unified-train", *ARGS, "--epochs", "40",
+                             "--gpus", "2", "--output-dir", str(out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "logs").glob("metrics_*.jsonl")):
+        time.sleep(0.5)  # the first epoch is done: training is under way on both ranks
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGTERM received" in err and "resume with:" in err
+    state = newest_state(out)
+    assert 0 < state["global_step"] < 40 * state["config"]["train"]["epochs"]
+
+
+def test_one_rank_failing_ends_the_others_without_a_hang(tmp_path):
+    """Rank 1 dies mid-run while rank 0 waits for it in the gradient all-reduce: torchrun ends
+    rank 0 too, the launcher exits non-zero with the failure reported; nothing hangs."""
+    t0 = time.time()
+    proc = cli("unified-train", *ARGS, "--epochs", "40", "--gpus", "2", "--output-dir", str(tmp_path),
+               env={"REDHEART_FAULTS": json.dumps({"crash_at_step": 4, "crash_rank": 1})}, timeout=300)
+    assert proc.returncode not in (0, 75), proc.stderr[-3000:]
+    assert "crash injected by a test on rank 1" in proc.stderr
+    assert time.time() - t0 < 240
