@@ -92,20 +92,23 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
 
 
-def sum_scalars(parts: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
-    """Sum the step's loss components across ranks (one small all-reduce). A rank that had no
-    sample this step contributes zeros; a component no rank has stays absent."""
+def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+    """Sum the step's loss components across ranks, and learn whether any rank was asked to stop
+    (one small all-reduce, one read). A rank that had no sample this step contributes zeros; a
+    component no rank has stays absent."""
     ref = next(iter(parts.values()), None)
     device = ref.device if ref is not None else (torch.device("cuda", world.local_rank)
                                                   if dist.get_backend() == "nccl" else torch.device("cpu"))
-    vec = torch.zeros(2 * len(LOSS_KEYS), device=device)
+    n = len(LOSS_KEYS)
+    vec = torch.zeros(2 * n + 1, device=device)
     for i, k in enumerate(LOSS_KEYS):
         if k in parts:
             vec[i] = parts[k]
-            vec[len(LOSS_KEYS) + i] = 1.0
+            vec[n + i] = 1.0
+    vec[2 * n] = 1.0 if stop else 0.0
     dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    present = vec[len(LOSS_KEYS):].tolist()
-    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if present[i] > 0}
+    flags = vec[n:].tolist()
+    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if flags[i] > 0}, flags[n] > 0
 
 
 def gather_rows(local: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:

@@ -95,3 +95,29 @@ def test_one_rank_failing_ends_the_others_without_a_hang(tmp_path):
     assert proc.returncode not in (0, 75), proc.stderr[-3000:]
     assert "crash injected by a test on rank 1" in proc.stderr
     assert time.time() - t0 < 240
+
+
+@pytest.mark.parametrize("world,micro_batch", [(2, 2), (4, 2), (4, 8), (3, 64), (4, 64)])
+def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_batch):
+    """The slowest rank sets the pace: the shares of a step must cost alike (padded tokens of the
+    micro-batches each rank cuts), far better than every world-th sample of a random step."""
+    from redheart.data.dataset import micro_batches, shard
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(8, 40, (600,), generator=g), torch.randint(150, 256, (400,), generator=g)])
+    perm = torch.randperm(1000, generator=g).tolist()
+
+    def cost(ids):
+        return sum(len(mb) * max(int(lengths[i]) for i in mb) for mb in micro_batches(ids, lengths, micro_batch))
+
+    worst_balanced = worst_strided = 0.0
+    for s in range(0, 1000, 64):
+        step = perm[s:s + 64]
+        shares = [shard(step, r, world, lengths) for r in range(world)]
+        assert sorted(i for sh in shares for i in sh) == sorted(step)
+        costs = [cost(sh) for sh in shares if sh]
+        strided = [cost(step[r::world]) for r in range(world)]
+        worst_balanced = max(worst_balanced, max(costs) / (sum(costs) / world))
+        worst_strided = max(worst_strided, max(strided) / (sum(strided) / world))
+    assert worst_balanced < 1.2, worst_balanced
+    assert worst_balanced < worst_strided - 0.05, (worst_balanced, worst_strided)

@@ -148,9 +148,21 @@ def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int, toke
     return out
 
 
-def shard(step: list[int], rank: int, world: int) -> list[int]:
-    """This rank's share of a step's samples (every rank gets a near-equal, disjoint part)."""
-    return step[rank::world]
+def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None = None) -> list[int]:
+    """This rank's share of a step's samples: disjoint parts that cost alike.
+
+    The slowest rank sets the pace of every step, so the shares are balanced: the step is
+    sorted by length and its samples dealt to the ranks in snake order (0,1,..,N-1,N-1,..,0,
+    ...). Every rank then holds the same number of samples with the same spread of lengths,
+    and cuts its share into micro-batches of similar length itself. Without lengths: every
+    world-th sample.
+    """
+    if world == 1:
+        return list(step)
+    if lengths is None:
+        return step[rank::world]
+    order = sorted(step, key=lambda i: (-int(lengths[i]), i))
+    return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
 
 
 @dataclass

@@ -264,6 +264,7 @@ class Trainer:
         self.pins: set[str] = set()
         self.finished = False
         self._epoch_t0 = time.time()
+        self._stop_agreed = False  # any rank asked to stop, as of the last gradient all-reduce
         torch.manual_seed(cfg.train.seed + 1 + self.world.rank)  # the dropout stream of training proper
 
     # ------------------------------------------------------------------ one optimizer step
@@ -273,7 +274,7 @@ class Trainer:
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
         counts = self.train_data.head_counts(step)
         self._step_counts = counts
-        mine = shard(step, self.world.rank, self.world.size)
+        mine = shard(step, self.world.rank, self.world.size, self.train_data.lengths)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
@@ -401,7 +402,10 @@ class Trainer:
         """
         if self.world.active:  # every rank holds a part of the step: sum gradients and loss parts
             sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
-            parts.update(sum_scalars(parts, self.world))
+            summed, stop = sum_scalars(parts, self.world, self.stop.requested)
+            parts.update(summed)
+            self._stop_agreed = stop  # every rank stops after the same step (a signal may reach one first)
+
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
         for p in hidden:
@@ -472,9 +476,10 @@ class Trainer:
                     raise RuntimeError(f"crash injected by a test on rank {self.world.rank}")
                 if self.faults.get("stop_at_step") == self.global_step:
                     self.stop.requested, self.stop.signal_name = True, "a test's stop request"
-                if self.world.active and any_rank(self.stop.requested, self.world) and not self.stop.requested:
+                    self._stop_agreed = True
+                if self.world.active and self._stop_agreed and not self.stop.requested:
                     self.stop.requested, self.stop.signal_name = True, "a stop request on another rank"
-                if self.stop.requested:
+                if self._stop_agreed if self.world.active else self.stop.requested:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"stopped by {self.stop.signal_name} after step {self.global_step} "
                                           f"(epoch {epoch}, step {self.step_in_epoch}/{len(plan)})", path, code=75)
@@ -484,7 +489,8 @@ class Trainer:
             self.step_in_epoch = 0
             self.finished = self.epoch == cfg.train.epochs
             self.end_of_epoch()
-            if self.stop.requested and not self.finished:  # the signal came while the epoch was closing
+            if any_rank(self.stop.requested, self.world) and not self.finished:  # a signal while closing the epoch
+                self.stop.signal_name = self.stop.signal_name or "a stop request on another rank"
                 raise TrainingStopped(f"stopped by {self.stop.signal_name} at the end of epoch {epoch}",
                                       self.last_resume_path, code=75)
         if not self.finished:  # a resumed run that had already finished: record that once

@@ -1,0 +1,80 @@
+"""Scaling over several GPUs of one host: the same `unified-train` run on 1, 2, 4 GPUs.
+
+    export REDHEART_ENCODER_DIR=$PWD/.carry/encoder
+    python bench/bench_scaling.py --gpus 1 2 4 --records 3200 \
+        --data scruples:.carry/data/scruples_anecdotes.jsonl.gz \
+        --data goemotions:.carry/data/goemotions_en_train.tsv.gz --out /tmp/scaling.json
+
+Each run is the real trainer (`python -m redheart unified-train --preset 730m`, launched under
+torchrun for N > 1) for two epochs; the figures are the trainer's own for epoch 2 (epoch 1
+includes CUDA-graph capture and compilation): samples/s over the epoch's training time (the
+validation pass and the checkpoint writes are not in it). Scaling efficiency = samples/s on N
+GPUs / (N x samples/s on one). The effective batch is the same (64) on every N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_run(n: int, args) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "redheart", "unified-train", "--preset", args.preset, "--epochs", "2",
+               "--no-lr-sweep", "--set", "crossover.enabled=false", "--max-records", str(args.records),
+               "--output-dir", out]
+        for d in args.data:
+            cmd += ["--data", d]
+        for s in args.set:
+            cmd += ["--set", s]
+        if n > 1:
+            cmd += ["--gpus", str(n)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            return {"gpus": n, "error": proc.stderr[-2000:], "wall_s": wall, "command": " ".join(cmd)}
+        rec = [json.loads(line) for f in Path(out, "logs").glob("metrics_*.jsonl") for line in f.open()]
+        last = rec[-1]
+        return {"gpus": n, "samples_per_s": last["samples_per_s"], "tokens_per_s": last["tokens_per_s"],
+                "epoch_s": last["seconds"], "epoch1_s": rec[0]["seconds"], "samples": last["samples"],
+                "peak_gib": last["memory"].get("peak_gib"), "val_loss": last["val"]["loss"], "wall_s": wall,
+                "command": " ".join(cmd)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--data", action="append", required=True)
+    p.add_argument("--records", type=int, default=3200)
+    p.add_argument("--preset", default="730m")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--out", default="scaling.json")
+    args = p.parse_args()
+    rows = []
+    for n in args.gpus:
+        rows.append(one_run(n, args))
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "runs": rows}, indent=2))
+        print(json.dumps(rows[-1])[:600], flush=True)
+    base = next((r["samples_per_s"] for r in rows if r["gpus"] == 1 and "samples_per_s" in r), None)
+    print(f"\n{args.preset}, effective batch 64, {' '.join('--set ' + s for s in args.set) or 'default config'}")
+    print(f"{'GPUs':>4} {'samples/s':>10} {'tokens/s':>10} {'epoch s':>8} {'peak GiB':>9} {'efficiency':>11}")
+    for r in rows:
+        if "samples_per_s" not in r:
+            print(f"{r['gpus']:>4} failed: {r['error'][-300:]}")
+            continue
+        eff = r["samples_per_s"] / (r["gpus"] * base) if base else float("nan")
+        print(f"{r['gpus']:>4} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['epoch_s']:>8.1f} "
+              f"{(r['peak_gib'] or 0):>9.1f} {eff:>10.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
