@@ -59,6 +59,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--memory-cap-gib", type=float, default=0, help="limit this process's GPU memory")
     p.add_argument("--out", default="bench_train.json")
+    p.add_argument("--stream", default="", help="append every step's loss to this JSON-lines file "
+                   "(a read per step: for loss curves, not for timings)")
     args = p.parse_args()
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -103,6 +105,10 @@ def main() -> int:
                 parts = trainer.accumulate(step)
                 trainer.optimizer_step(parts)
                 losses.append(parts["loss"])
+                if args.stream:
+                    with open(args.stream, "a") as f:
+                        f.write(json.dumps({"variant": name, "step": i, "loss": float(parts["loss"]),
+                                            "t": time.perf_counter()}) + "\n")
             sync(device)
             seconds = time.perf_counter() - t0
         except Exception as exc:  # one failing variant must not lose the others' figures
