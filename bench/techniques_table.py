@@ -47,6 +47,7 @@ def main() -> int:
             cfg.output_dir = tmp
             cfg.data.paths, cfg.data.max_records, cfg.train.epochs = args.data, args.records, args.epochs
             cfg.train.log_every = 10_000
+            cfg.sweep.enabled = False  # one LR for every configuration
             for k, v in changes.items():
                 set_value(cfg, k, v)
             for a in args.set:

@@ -102,3 +102,41 @@ def test_tiny_preset_learns_a_planted_pattern_well_above_chance(tmp_path):
     assert final["emotion_acc"] >= 0.9, final  # chance: 1/4 of the planted classes, 1/7 overall
     assert final["regret_mae"] < 0.12, final
     assert final["regret_r"] > 0.9, final
+
+
+def _step_grads(tech_changes: dict, seed: int = 0):
+    """One forward_loss + backward of the real tiny network on the same inputs and dropout seed."""
+    from dataclasses import replace
+
+    from redheart.train.step import forward_loss
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model).train()
+    with torch.no_grad():  # away from the initialisation, whose output layers start near zero
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    x, keep = torch.randn(4, 8, 384, generator=torch.Generator().manual_seed(1)), torch.ones(4, 8, dtype=torch.bool)
+    t = _targets(4)
+    torch.manual_seed(seed)
+    loss, parts = forward_loss(net, x, keep, False, t, _counts(t), replace(cfg.tech, **tech_changes),
+                               cfg.train.head_weights, None)
+    loss.backward()
+    return parts, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def test_rdrop_on_adds_a_consistency_term_and_changes_the_gradients():
+    assert preset("tiny").model.dropout > 0  # R-Drop needs dropout to compare two passes
+    on, g_on = _step_grads({"rdrop_alpha": 1.0})
+    off, g_off = _step_grads({"rdrop_alpha": 0.0})
+    assert float(on["rdrop"]) > 1e-6
+    assert torch.allclose(on["loss"], on["task"] + on["rdrop"])
+    assert "rdrop" not in off
+    assert any(not torch.allclose(g_on[n], g_off[n]) for n in g_on)
+
+
+def test_label_smoothing_changes_the_emotion_loss_of_the_real_network():
+    on, _ = _step_grads({"label_smoothing": 0.1, "rdrop_alpha": 0.0})
+    off, _ = _step_grads({"label_smoothing": 0.0, "rdrop_alpha": 0.0})
+    assert abs(float(on["emotion"]) - float(off["emotion"])) > 1e-4
+    assert float(on["bentham"]) == float(off["bentham"])  # regressions are not smoothed

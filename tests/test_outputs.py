@@ -128,8 +128,10 @@ def test_training_curves_of_a_recorded_run_are_nine_readable_panels(tiny_run):
             assert _epoch_ticks_are_integers(fig)
             (lr_ax,) = [ax for ax in fig.axes if ax.get_title().startswith("Learning rate")]
             assert lr_ax.get_yscale() == "log" and lr_ax.get_xlabel() == "optimizer step"
-            # the run's cosine ends at LR 0: that point cannot be on the log axis and is said to be left out
-            assert history[-1]["lr"] == 0 and "1 value of 0 not shown" in lr_ax.get_title()
+            # the LR each optimizer step used (all > 0), not the epoch-end value (the cosine's final 0)
+            assert history[-1]["lr"] == 0 and all(r["lr_steps"] for r in history)
+            assert "not shown" not in lr_ax.get_title()
+            assert sum(len(line.get_xdata()) for line in lr_ax.get_lines()) >= sum(len(r["lr_steps"]) for r in history)
             assert _data_points_under_legends(fig) == []
             # the sweet spots are marked where the analysis put them
             (loss_ax,) = [ax for ax in fig.axes if ax.get_title() == "Combined loss"]
@@ -155,8 +157,11 @@ def test_lr_panel_shows_each_optimizer_step_when_the_record_has_them(tiny_run):
             assert lr_ax.get_yscale() == "log" and list(lr_ax.get_lines()[0].get_xdata()) == steps
             fig.canvas.draw()
             plt.close(fig)
-    steps, lrs, what, dropped = plots.lr_series(history)  # without them: the end-of-epoch values
+    bare = [{k: v for k, v in r.items() if k != "lr_steps"} for r in history]  # an older record
+    steps, lrs, what, dropped = plots.lr_series(bare)  # without them: the end-of-epoch values
     assert what == "at the end of each epoch" and steps == [history[0]["global_step"]] and dropped == 1
+    steps, lrs, what, dropped = plots.lr_series(history)  # the trainer records every step's LR
+    assert what == "per optimizer step" and len(steps) == history[-1]["global_step"] and dropped == 0
 
 
 def _check_png(path):

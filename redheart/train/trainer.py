@@ -62,6 +62,7 @@ class StepStats:
     steps: int = 0
     samples: int = 0
     tokens: int = 0
+    lrs: list[float] = field(default_factory=list)  # the LR of each optimizer step of the epoch
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for k, v in parts.items():
@@ -72,12 +73,12 @@ class StepStats:
 
     def state(self) -> dict[str, Any]:
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
-                "samples": self.samples, "tokens": self.tokens}
+                "samples": self.samples, "tokens": self.tokens, "lrs": self.lrs}
 
     @classmethod
     def from_state(cls, s: dict[str, Any], device: torch.device) -> "StepStats":
         return cls({k: torch.tensor(v, device=device) for k, v in s["sums"].items()},
-                   s["steps"], s["samples"], s["tokens"])
+                   s["steps"], s["samples"], s["tokens"], list(s.get("lrs", [])))
 
 
 def pick_device(name: str) -> torch.device:
@@ -455,6 +456,7 @@ class Trainer:
                 parts = self.accumulate(step)
                 if self.faults:
                     self._inject_numeric_fault(parts)
+                self.epoch_stats.lrs.append(self.scheduler.get_last_lr()[0])
                 applied = self.optimizer_step(parts)
                 self.global_step += 1
                 self.step_in_epoch = i + 1
@@ -517,6 +519,7 @@ class Trainer:
                 val_ema = evaluate(self.model, self.features["val"], cfg, self.dtype, self.world)
         record = {
             "epoch": self.epoch, "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+            "lr_steps": list(self.epoch_stats.lrs),
             "micro_batch": self.micro_batch, "train": train, "val": val, "val_ema": val_ema,
             "samples": self.epoch_stats.samples,  # this epoch's, across interruptions (skipped steps' too)
             "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
@@ -559,6 +562,7 @@ class Trainer:
         lr = record["lr"]
         path = self.paths.snapshot_path(self.epoch, lr)
         metrics = {"loss": record["val"]["loss"], "train_loss": record["train"].get("loss"),
+                   "train": record["train"],  # every component of the training loss (task, rdrop, heads)
                    **{k: v for k, v in record["val"].items() if k != "loss"}}
         if record["val_ema"]:
             metrics["ema"] = record["val_ema"]
