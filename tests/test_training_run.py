@@ -28,9 +28,13 @@ def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_
     meta = json.loads((ck / "metadata.json").read_text())
     assert [m["epoch"] for m in meta] == [1, 2]
     for m in meta:
-        assert Path(m["path"]).name.startswith(f"checkpoint_epoch_{m['epoch']:04d}_lr_")
+        peak = state["lr"]  # the LR sweep's choice: the names carry it, not the decayed LR
+        assert Path(m["path"]).name.startswith(f"checkpoint_epoch_{m['epoch']:04d}_lr_{peak:.6f}_")
         assert set(m) >= {"epoch", "lr", "path", "timestamp", "sha256", "metrics", "size_bytes"}
         assert isinstance(m["metrics"]["loss"], float)
+        # the loss components of training and the validation metrics of both weight sets
+        assert {"loss", "task", "rdrop", "emotion", "bentham", "regret", "surd"} <= set(m["metrics"]["train"])
+        assert m["metrics"]["train"]["rdrop"] > 0 and m["metrics"]["ema"]["loss"] > 0
         loaded = torch.load(m["path"], weights_only=True)  # the guide's own loading code
         net = RedHeartNet(cfg.model)
         net.load_state_dict(loaded["model_state"])

@@ -1,6 +1,6 @@
 """What goes into the two kinds of checkpoint, and where they live in an output directory.
 
-- Epoch snapshots `checkpoints_final/checkpoint_epoch_EEEE_lr_<lr>_<ts>.pt`: the weights (in
+- Epoch snapshots `checkpoints_final/checkpoint_epoch_EEEE_lr_<peak lr>_<ts>.pt`: the weights (in
   `train.snapshot_dtype`), the epoch's metrics and the config. Small; Sweet Spot and
   Crossover read them; listed in `metadata.json`.
 - Resume states `checkpoints_final/resume_state_<run>_step<N>.pt`: everything an exact

@@ -560,7 +560,9 @@ class Trainer:
 
     def save_snapshot(self, record: dict[str, Any]) -> str | None:
         lr = record["lr"]
-        path = self.paths.snapshot_path(self.epoch, lr)
+        # the name carries the run's peak LR (the sweep's choice or train.lr), as in the guide's
+        # `checkpoint_epoch_0002_lr_0.000100_...`; the scheduled LR at the epoch's end is in `lr`
+        path = self.paths.snapshot_path(self.epoch, self.lr)
         metrics = {"loss": record["val"]["loss"], "train_loss": record["train"].get("loss"),
                    "train": record["train"],  # every component of the training loss (task, rdrop, heads)
                    **{k: v for k, v in record["val"].items() if k != "loss"}}
