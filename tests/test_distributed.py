@@ -53,9 +53,10 @@ def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     assert "error:" in proc.stderr and "--gpus 4" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_stop_under_two_processes_resumes_on_one_with_the_same_weights(single, tmp_path):
+def test_a_stop_under_two_processes_resumes_on_two_then_on_one_with_the_same_weights(single, tmp_path):
     """A stop mid-epoch (the same request reaching both ranks) exits 75 with one resume state;
-    resumed by a single process it ends where the single-process run ends."""
+    resumed by two processes (rank 1 loads the state rank 0 chose) it stops again; resumed by a
+    single process it ends where the single-process run ends."""
     out = str(tmp_path / "run")
     stopped = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", out,
                   env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 3})})
@@ -63,6 +64,10 @@ def test_a_stop_under_two_processes_resumes_on_one_with_the_same_weights(single,
     assert "resume with:" in stopped.stderr
     state = newest_state(tmp_path / "run")
     assert state["global_step"] == 3 and len(state["rng_ranks"]) == 2
+    again = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", out, "--resume", "latest",
+                env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 6})})
+    assert again.returncode == 75, again.stderr[-3000:]
+    assert newest_state(tmp_path / "run")["global_step"] == 6
     resumed = cli("unified-train", *ARGS, "--output-dir", out, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "saved with 2" in resumed.stderr  # said: the dropout streams start anew
