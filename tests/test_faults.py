@@ -49,7 +49,7 @@ COMMON = ["--preset", "tiny", "--max-records", "60", "--no-lr-sweep", "--device"
 TRAIN = ["unified-train", "--epochs", str(EPOCHS), *COMMON]
 # The same run in this process (the log interval and the crossover do not change the weights).
 IN_PROCESS = dict(data__max_records=60, train__epochs=EPOCHS, train__grad_accum=4, train__device="cpu")
-TIMING_KEYS = {"seconds", "samples_per_s", "tokens_per_s", "memory", "timestamp"}
+TIMING_KEYS = {"seconds", "samples_per_s", "tokens_per_s", "tflops", "mfu", "memory", "timestamp"}
 
 FIGURES: Counter = Counter()
 STARTED: list[subprocess.Popen] = []  # every process this module started, ended at its teardown

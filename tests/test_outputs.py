@@ -54,7 +54,7 @@ def test_tensorboard_holds_every_scalar_of_the_metrics_record(tiny_run):
             if tag not in ("epoch", "global_step", "memory/t"):
                 expected.setdefault(tag, []).append((record["epoch"], value))
     heads = ("emotion", "bentham", "regret", "surd")
-    required = {"lr", "samples_per_s", "tokens_per_s", "memory/rss_gib", "train/loss", "train/rdrop",
+    required = {"lr", "samples_per_s", "tokens_per_s", "tflops", "memory/rss_gib", "train/loss", "train/rdrop",
                 *(f"train/{h}" for h in heads),
                 *(f"{w}/{m}" for w in ("val", "val_ema") for m in
                   ("loss", "emotion_acc", "emotion_f1", "bentham_mae", "bentham_r", "regret_mae", "regret_r",

@@ -33,6 +33,7 @@ from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
 from redheart.train.ema import EMA
+from redheart.train.flops import measure_peak_tflops, train_flops
 from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts
 from redheart.train.swap import SwapAdamW
 from redheart.train.metrics import head_metrics
@@ -63,6 +64,7 @@ class StepStats:
     samples: int = 0
     tokens: int = 0
     lrs: list[float] = field(default_factory=list)  # the LR of each optimizer step of the epoch
+    flops: float = 0.0  # model FLOPs of the steps (all ranks' work), for TFLOP/s and MFU
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for k, v in parts.items():
@@ -73,12 +75,12 @@ class StepStats:
 
     def state(self) -> dict[str, Any]:
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
-                "samples": self.samples, "tokens": self.tokens, "lrs": self.lrs}
+                "samples": self.samples, "tokens": self.tokens, "lrs": self.lrs, "flops": self.flops}
 
     @classmethod
     def from_state(cls, s: dict[str, Any], device: torch.device) -> "StepStats":
         return cls({k: torch.tensor(v, device=device) for k, v in s["sums"].items()},
-                   s["steps"], s["samples"], s["tokens"], list(s.get("lrs", [])))
+                   s["steps"], s["samples"], s["tokens"], list(s.get("lrs", [])), float(s.get("flops", 0.0)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,6 +268,8 @@ class Trainer:
         self.finished = False
         self._epoch_t0 = time.time()
         self._stop_agreed = False  # any rank asked to stop, as of the last gradient all-reduce
+        # the bf16 matrix-product rate of this GPU, measured once: the denominator of MFU
+        self.peak_tflops = measure_peak_tflops(device) if device.type == "cuda" else None
         torch.manual_seed(cfg.train.seed + 1 + self.world.rank)  # the dropout stream of training proper
 
     # ------------------------------------------------------------------ one optimizer step
@@ -464,7 +468,10 @@ class Trainer:
                     self.epoch_stats.add(parts)
                     self.epoch_stats.steps += 1
                 self.epoch_stats.samples += len(step)
-                self.epoch_stats.tokens += int(self.train_data.lengths[step].sum())
+                step_lengths = self.train_data.lengths[step]
+                self.epoch_stats.tokens += int(step_lengths.sum())
+                self.epoch_stats.flops += train_flops(cfg.model, step_lengths.tolist(), cfg.tech.rdrop_alpha > 0,
+                                                      not self.features["train"].cached)
                 if cfg.memory.monitor:
                     self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
                 if bar is not None:
@@ -511,6 +518,7 @@ class Trainer:
     def end_of_epoch(self) -> dict[str, Any]:
         cfg = self.cfg
         seconds = time.time() - self._epoch_t0
+        tflops = self.epoch_stats.flops / max(seconds, 1e-9) / 1e12  # model FLOPs done per second
         train = self.epoch_stats.means()
         val = evaluate(self.model, self.features["val"], cfg, self.dtype, self.world)
         val_ema = None
@@ -524,6 +532,7 @@ class Trainer:
             "samples": self.epoch_stats.samples,  # this epoch's, across interruptions (skipped steps' too)
             "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
             "tokens_per_s": self.epoch_stats.tokens / max(seconds, 1e-9),
+            "tflops": tflops, "mfu": tflops / (self.peak_tflops * self.world.size) if self.peak_tflops else None,
             "bad_steps": self.bad_steps_total, "memory": memory.sample(self.device),
             "timestamp": iso_now(),
         }
@@ -533,9 +542,10 @@ class Trainer:
                 self.write_metrics()
             except ckio.CheckpointError as exc:  # the history is in the resume state too
                 log.error("metrics record not updated (training continues): %s", exc)
-        log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s | %.0fs", self.epoch,
+        log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s%s | %.0fs", self.epoch,
                  cfg.train.epochs, train.get("loss", float("nan")), val["loss"],
-                 f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"], seconds)
+                 f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"],
+                 f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else "", seconds)
         log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
         if self.tb is not None:
             self.tb.epoch(record)
