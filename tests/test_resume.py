@@ -25,7 +25,12 @@ def test_stop_mid_epoch_then_resume_equals_the_straight_run(tmp_path):
     mid = newest_state(tmp_path / "b")
     assert mid["global_step"] == stop_at and not mid["finished"] and mid["step_in_epoch"] > 0
     assert run(tiny_config(tmp_path / "b", **BASE), resume="latest", analysis=False) == 0
-    _compare(straight, newest_state(tmp_path / "b"))
+    resumed = newest_state(tmp_path / "b")
+    _compare(straight, resumed)
+    # the interrupted epoch's samples/s counts its training time before the stop as well
+    epoch = resumed["history"][mid["epoch"]]
+    assert mid["epoch_elapsed_s"] > 0 and epoch["seconds"] >= mid["epoch_elapsed_s"]
+    assert epoch["samples_per_s"] == epoch["samples"] / epoch["seconds"]
 
 
 def test_stop_at_an_epoch_boundary_and_resume_from_the_path(tmp_path):

@@ -636,6 +636,7 @@ class Trainer:
             "rng": rngs[0], "rng_ranks": rngs, "history": self.history, "epoch_stats": self.epoch_stats.state(),
             "bad_steps_total": self.bad_steps_total, "bad_steps_in_row": self.bad_steps_in_row,
             "oom_events": self.oom_events, "sweep": self.sweep_result, "finished": self.finished,
+            "epoch_elapsed_s": time.time() - self._epoch_t0,  # training time of the epoch so far
             "param_counts": self.param_counts,
         }
 
@@ -709,7 +710,8 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + 1 + self.world.rank + self.global_step)
             log.warning("resumed with %d process(es), saved with %d: the dropout streams start anew "
                         "(data order and position are kept)", self.world.size, len(ranks))
-        self._epoch_t0 = time.time()
+        # the epoch's samples/s counts the samples and the training time before the stop too
+        self._epoch_t0 = time.time() - (float(state.get("epoch_elapsed_s", 0.0)) if self.step_in_epoch else 0.0)
 
     def set_lr(self, lr: float) -> None:
         """Use a new peak LR (the sweep's choice) before training starts."""
