@@ -92,10 +92,11 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
 
 
-def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
-    """Sum the step's loss components across ranks, and learn whether any rank was asked to stop
-    (one small all-reduce, one read). A rank that had no sample this step contributes zeros; a
-    component no rank has stays absent."""
+def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False) -> torch.Tensor:
+    """Sum the step's loss components across ranks with one small all-reduce, and whether any
+    rank was asked to stop. The result stays on the device (the caller reads it together with
+    its own checks, see `unpack_scalars`): the sums of LOSS_KEYS, then how many ranks had each,
+    then the stop count. A rank that had no sample this step contributes zeros."""
     ref = next(iter(parts.values()), None)
     device = ref.device if ref is not None else (torch.device("cuda", world.local_rank)
                                                   if dist.get_backend() == "nccl" else torch.device("cpu"))
@@ -107,8 +108,14 @@ def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False
             vec[n + i] = 1.0
     vec[2 * n] = 1.0 if stop else 0.0
     dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    flags = vec[n:].tolist()
-    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if flags[i] > 0}, flags[n] > 0
+    return vec
+
+
+def unpack_scalars(vec: torch.Tensor, counts: list[float]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the summed components some rank had, any rank asked to stop) from `sum_scalars`'s
+    vector and its counts part (`vec[len(LOSS_KEYS):]`) already read to the host."""
+    n = len(LOSS_KEYS)
+    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if counts[i] > 0}, counts[n] > 0
 
 
 def gather_rows(local: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:

@@ -31,6 +31,18 @@ def test_stop_mid_epoch_then_resume_equals_the_straight_run(tmp_path):
     epoch = resumed["history"][mid["epoch"]]
     assert mid["epoch_elapsed_s"] > 0 and epoch["seconds"] >= mid["epoch_elapsed_s"]
     assert epoch["samples_per_s"] == epoch["samples"] / epoch["seconds"]
+    # ... decisively: a state saying 1000 s had passed gives an epoch of at least 1000 s
+    from redheart.ckpt.state import RunPaths
+    from redheart.session import build_session
+    from redheart.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "c", **BASE)
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(tmp_path / "c", "elapsed"), session.data, session.features, session.device)
+    trainer.paths.make()
+    trainer.restore({**mid, "epoch_elapsed_s": 1000.0})
+    history = trainer.fit()
+    assert history[mid["epoch"]]["seconds"] >= 1000 > history[-1]["seconds"]
 
 
 def test_stop_at_an_epoch_boundary_and_resume_from_the_path(tmp_path):

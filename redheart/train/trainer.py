@@ -28,7 +28,8 @@ from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import World, all_objects, any_rank, broadcast, gather_rows, sum_gradients, sum_scalars
+from redheart.dist import (LOSS_KEYS, World, all_objects, any_rank, broadcast, gather_rows, sum_gradients,
+                           sum_scalars, unpack_scalars)
 from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
@@ -405,12 +406,10 @@ class Trainer:
         A head without targets in this step takes no part in it (no decay, no momentum), as in
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
         """
+        summed = None
         if self.world.active:  # every rank holds a part of the step: sum gradients and loss parts
             sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
-            summed, stop = sum_scalars(parts, self.world, self.stop.requested)
-            parts.update(summed)
-            self._stop_agreed = stop  # every rank stops after the same step (a signal may reach one first)
-
+            summed = sum_scalars(parts, self.world, self.stop.requested)
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
         for p in hidden:
@@ -418,7 +417,15 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        finite = bool(torch.isfinite(norm) & torch.isfinite(parts["loss"]))  # the one sync per step
+        loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
+        ok = torch.isfinite(norm) & torch.isfinite(loss)
+        if summed is None:
+            finite = bool(ok)  # the one host sync of the step
+        else:  # the one host sync of the step: the check, which parts exist, any rank's stop
+            host = torch.cat([ok.float().view(1).to(summed.device), summed[len(LOSS_KEYS):]]).tolist()
+            finite = host[0] > 0
+            totals, self._stop_agreed = unpack_scalars(summed, host[1:])  # every rank stops after the same step
+            parts.update(totals)
         if finite:
             optimizer.step()
         for p, g in hidden.items():
