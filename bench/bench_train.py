@@ -8,6 +8,12 @@ micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs). For each i
 optimizer steps, then times `--steps` optimizer steps with the real Trainer (same code as
 training) and prints samples/s, real (non-padding) tokens/s, MFU against a bf16 matrix-product
 peak measured in the same run, peak memory and step time. Results go to --out as JSON.
+
+With `--profile DIR`, one more optimizer step of each variant runs under torch.profiler: the
+GPU kernels' time by kind (matrix products, attention, element-wise, casts and copies,
+normalisation and reductions, optimizer, communication), the share of the step's wall time the
+GPU was busy, kernel counts and the costliest kernels go into the results (and a Chrome trace
+into DIR): what limits a configuration, measured rather than guessed.
 """
 from __future__ import annotations
 
@@ -49,6 +55,69 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, pairs
 
 
+KINDS = (  # first match wins; names of cuBLAS/cuDNN/Triton/ATen kernels, lower case
+    ("communication", ("nccl", "allreduce", "reduce_scatter", "allgather")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm100_", "matmul", "cublas")),
+    ("norm/reduce", ("layer_norm", "layernorm", "reduce", "softmax", "norm", "sum")),
+    ("cast/copy", ("copy", "cast", "convert", "to_copy", "fill", "memset", "memcpy", "cat")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "triton", "dropout", "gelu", "mul", "add")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_step(trainer: Trainer, step: list[int], device: torch.device, trace: Path) -> dict:
+    """One optimizer step under torch.profiler: where the GPU time goes and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        trainer.model.train()
+        trainer.optimizer_step(trainer.accumulate(step))
+        sync(device)
+        wall = time.perf_counter() - t0
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for e in gpu:
+        ms = e["dur"] / 1e3
+        kind = kernel_kind(e["name"]) if e["cat"] == "kernel" else "cast/copy"
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        by_name.setdefault(e["name"], []).append(ms)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    busy = busy_time([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "busy": busy / (wall * 1e3) if gpu else 0.0,
+            "kernels": len(gpu), "kernel_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:160], "calls": len(v), "ms": sum(v), "kind": kernel_kind(n)} for n, v in top],
+            "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}
+                         for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]],
+            "trace": str(trace)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="730m")
@@ -59,6 +128,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--memory-cap-gib", type=float, default=0, help="limit this process's GPU memory")
     p.add_argument("--out", default="bench_train.json")
+    p.add_argument("--profile", default="", help="profile one extra step per variant; traces go to this folder")
     p.add_argument("--stream", default="", help="append every step's loss to this JSON-lines file "
                    "(a read per step: for loss curves, not for timings)")
     args = p.parse_args()
@@ -129,6 +199,12 @@ def main() -> int:
              "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses],
              "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
              "cap_gib": cap}
+        if args.profile:
+            r["profile"] = profile_step(trainer, steps[-1], device, Path(args.profile) / f"{name}.json")
+            prof = r["profile"]
+            print(f"{name}: profile: step {prof['wall_ms']:.0f} ms, GPU busy {prof['busy']:.0%}, "
+                  f"{prof['kernels']} kernels; " + ", ".join(f"{k} {v:.0f} ms" for k, v in prof["by_kind_ms"].items()),
+                  flush=True)
         results.append(r)
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
               f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "
