@@ -38,7 +38,8 @@ from redheart.train.trainer import Trainer  # noqa: E402
 SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
          "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
          "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
-         "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens"}
+         "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens",
+         "bf16_weights": "train.bf16_weights"}
 
 
 def sync(device: torch.device) -> None:
@@ -208,7 +209,8 @@ def main() -> int:
         results.append(r)
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
               f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "
-              f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None})",
+              f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None}, "
+              f"bf16 copies {trainer.lowp is not None and ('fused' if trainer.lowp.fused else 'unfused')})",
               flush=True)
         del trainer
     doc = {"peak_tflops": peak, "preset": args.preset, "records": args.records, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

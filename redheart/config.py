@@ -80,6 +80,9 @@ class TrainConfig:
     micro_batch_tokens: int = 0  # >0: micro-batches of similar length up to this many padded tokens (max micro_batch samples)
     compile: bool = False  # torch.compile each Transformer layer (GPU; pays at large micro-batches)
     cuda_graphs: str = "auto"  # replay forward+backward as CUDA graphs: auto (GPU, micro-batch <= 8) | on | off
+    # bf16 copies of the Linear weights cast once per optimizer step, weight gradients summed
+    # in fp32 by the GEMM (redheart/model/lowp.py): auto (GPU, bf16 autocast, no swap manager) | on | off
+    bf16_weights: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
 
 
@@ -214,7 +217,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (and yes/no) as a boolean
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if origin is list:
@@ -358,6 +363,7 @@ def _validate(cfg: Config) -> None:
         _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
     _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", t.micro_batch_tokens)
     _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "auto, on or off", t.cuda_graphs)
+    _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)

@@ -12,6 +12,17 @@ def test_overrides_from_yaml_then_set(tmp_path):
     assert cfg.train.head_weights == {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 2.0}
 
 
+def test_bare_on_and_off_read_as_the_words_the_readme_uses(tmp_path):
+    """YAML 1.1 reads `on`/`off` as booleans; the on/off switches still take them as written."""
+    cfg = build_config("tiny", [], ["memory.swap=on", "train.cuda_graphs=off", "train.bf16_weights=on"])
+    assert (cfg.memory.swap, cfg.train.cuda_graphs, cfg.train.bf16_weights) == ("on", "off", "on")
+    y = tmp_path / "c.yaml"
+    y.write_text("memory:\n  swap: off\n")
+    assert build_config("tiny", [str(y)], []).memory.swap == "off"
+    with pytest.raises(ConfigError, match="train.snapshot_weights"):  # not a switch: still an error
+        build_config("tiny", [], ["train.snapshot_weights=on"])
+
+
 def test_round_trip_through_a_dict():
     cfg = build_config("730m", [], ["train.lr=2e-4", "data.paths=[a.jsonl, b.tsv]"])
     again = Config.from_dict(cfg.to_dict())
@@ -29,6 +40,7 @@ def test_round_trip_through_a_dict():
     ("train.epochs=2.5", "train.epochs"),
     ("data.train_frac=0.95", "data.val_frac"),
     ("train.nonsense=1", "train.nonsense"),
+    ("train.bf16_weights=maybe", "train.bf16_weights"),
 ])
 def test_invalid_values_fail_at_load_naming_the_field(assignment, field):
     with pytest.raises(ConfigError) as err:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from redheart.config import ModelConfig
+from redheart.model.lowp import Linear
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
 
@@ -20,8 +21,8 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.out = Linear(hidden, hidden)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,8 +42,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(hidden)
         self.attn = SelfAttention(hidden, heads, dropout)
         self.ln2 = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, ffn)
-        self.fc2 = nn.Linear(ffn, hidden)
+        self.fc1 = Linear(hidden, ffn)
+        self.fc2 = Linear(ffn, hidden)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Stack(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.encoder_dim, cfg.hidden)
+        self.proj = Linear(cfg.encoder_dim, cfg.hidden)
         self.stack = Stack(cfg, cfg.layers)
         self.norm = nn.LayerNorm(cfg.hidden)
 
@@ -86,14 +87,14 @@ class Tower(nn.Module):
         super().__init__()
         self.stack = Stack(cfg, cfg.tower_layers)
         self.norm = nn.LayerNorm(cfg.hidden)
-        self.pool = nn.Linear(cfg.hidden, 1, bias=False)  # a bias would shift every score alike: no gradient
+        self.pool = Linear(cfg.hidden, 1, bias=False)  # a bias would shift every score alike: no gradient
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.hidden, cfg.tower_mlp),
+            Linear(cfg.hidden, cfg.tower_mlp),
             nn.GELU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.tower_mlp, cfg.hidden),
+            Linear(cfg.tower_mlp, cfg.hidden),
             nn.GELU(),
-            nn.Linear(cfg.hidden, out_dim),
+            Linear(cfg.hidden, out_dim),
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:

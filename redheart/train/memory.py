@@ -35,7 +35,8 @@ def estimate(cfg: Config, params: int, micro_batch: int | None = None, tokens: i
     """Estimated training memory (GiB) of a config with `params` trainable parameters.
 
     Weights, gradients and the two AdamW moments in fp32 (16 bytes a parameter), the EMA copy
-    (4 bytes, unless it lives in CPU memory), and activations: per token and layer about
+    (4 bytes, unless it lives in CPU memory), the bf16 weight copies of `train.bf16_weights`
+    (2 bytes; the GPU path with bf16 autocast), and activations: per token and layer about
     `34 * hidden` bytes in bf16 plus the attention scores (Korthikanti et al., 2022), doubled
     by R-Drop's second pass, for the micro-batch at the full token length.
     """
@@ -47,15 +48,16 @@ def estimate(cfg: Config, params: int, micro_batch: int | None = None, tokens: i
     grads = params * 4
     optimizer = params * 8
     ema = params * 4 if cfg.tech.ema_decay > 0 and cfg.tech.ema_device == "same" else 0
+    copies = params * 2 if t.bf16_weights != "off" and t.precision in ("auto", "bf16") else 0
     passes = 2 if cfg.tech.rdrop_alpha > 0 else 1
     per_layer = seq * m.hidden * 34 + 5 * m.heads * seq * seq
     if m.activation_checkpointing:
         per_layer = seq * m.hidden * 2 + per_layer / max(layers, 1)
     activations = mb * passes * layers * per_layer
     encoder = 23e6 * 2  # the frozen MiniLM encoder in bf16
-    total = weights + grads + optimizer + ema + activations + encoder
+    total = weights + grads + optimizer + ema + copies + activations + encoder
     return {
         "weights_gib": weights / GIB, "gradients_gib": grads / GIB, "optimizer_gib": optimizer / GIB,
-        "ema_gib": ema / GIB, "activations_gib": activations / GIB, "encoder_gib": encoder / GIB,
+        "ema_gib": ema / GIB, "weight_copies_gib": copies / GIB, "activations_gib": activations / GIB, "encoder_gib": encoder / GIB,
         "total_gib": total / GIB, "micro_batch": mb, "tokens": seq,
     }

@@ -30,6 +30,7 @@ from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
 from redheart.dist import (LOSS_KEYS, World, all_objects, any_rank, broadcast, gather_rows, sum_gradients,
                            sum_scalars, unpack_scalars)
+from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
 from redheart.model.network import RedHeartNet
 from redheart.train import memory
@@ -114,6 +115,15 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
         return False
     return mode == "on" or (cfg.train.micro_batch <= 8 and not cfg.train.compile
                             and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
+
+
+def use_bf16_weights(cfg: Config, device: torch.device, dtype: torch.dtype | None, swap: bool) -> bool:
+    """Low-precision weight copies pay where autocast would cast every weight per micro-batch:
+    bf16 autocast; not with the swap manager, whose point is memory (the copies take 2 bytes a weight)."""
+    mode = cfg.train.bf16_weights
+    if mode == "off" or dtype != torch.bfloat16 or swap:
+        return False
+    return mode == "on" or device.type == "cuda"
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
@@ -252,6 +262,12 @@ class Trainer:
         self.global_step = 0
         self.micro_batch = cfg.train.micro_batch
         self.micro_batch_tokens = cfg.train.micro_batch_tokens
+        self.lowp = None
+        if use_bf16_weights(cfg, device, self.dtype, self.swap):
+            self.lowp = LowPrecisionCopies(self.model, torch.bfloat16)
+            log.info("bf16 weight copies on (%.2f GiB, cast once per optimizer step); weight gradients "
+                     "summed in fp32 %s", self.lowp.nbytes / 2**30,
+                     "by the matrix product (fused)" if self.lowp.fused else "after a bf16 product")
         self.graphs = None
         if use_cuda_graphs(cfg, device) and not self.checkpointing:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
@@ -297,6 +313,8 @@ class Trainer:
         source, lengths = self.features["train"], self.train_data.lengths
         mbs = micro_batches(mine, lengths, self.micro_batch, self.micro_batch_tokens)
         inv = inverse_counts(counts, self.device) if self.graphs is not None else None
+        if self.lowp is not None:
+            self.lowp.refresh()  # the weights of this step, cast once
         # One host-to-device copy of every index of the step; micro-batches slice it on the device.
         idx_all = to_device([i for mb in mbs for i in mb], self.device, torch.long) if source.cached else None
         parts_sum: dict[str, torch.Tensor] = {}
@@ -351,12 +369,16 @@ class Trainer:
         if self.graphs is not None:
             self.graphs.reset()
             self.graphs = None
+        if self.lowp is not None:  # memory first: back to plain autocast
+            self.lowp.release()
+            self.lowp = None
         self.swap = True
         torch.cuda.empty_cache()
 
     def zero_grad(self) -> None:
-        """Clear the gradients; in place while CUDA graphs hold their buffers, else set to None."""
-        if self.graphs is not None:
+        """Clear the gradients; in place while CUDA graphs or the bf16 copies' fused accumulation
+        hold their buffers, else set to None."""
+        if self.graphs is not None or self.lowp is not None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)
