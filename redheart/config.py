@@ -81,7 +81,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each Transformer layer (GPU; pays at large micro-batches)
     cuda_graphs: str = "auto"  # replay forward+backward as CUDA graphs: auto (GPU, micro-batch <= 8) | on | off
     # bf16 copies of the Linear weights cast once per optimizer step, weight gradients summed
-    # in fp32 by the GEMM (redheart/model/lowp.py): auto (GPU, bf16 autocast, no swap manager) | on | off
+    # in fp32 by the GEMM (redheart/model/lowp.py): auto (GPU, bf16 autocast, grad_accum > 1, no
+    # compile, no swap manager) | on | off
     bf16_weights: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
 

@@ -93,3 +93,25 @@ def test_training_with_copies_ends_at_the_weights_of_plain_autocast(tmp_path):
     for x, y in zip(states["off"]["history"], states["on"]["history"]):
         assert abs(x["val"]["loss"] - y["val"]["loss"]) < 1e-4 * abs(x["val"]["loss"])
         assert abs(x["train"]["loss"] - y["train"]["loss"]) < 1e-4 * abs(x["train"]["loss"])
+
+
+def test_auto_turns_the_copies_on_only_where_they_paid_on_the_gpu():
+    from redheart.config import preset
+    from redheart.train.trainer import use_bf16_weights
+
+    gpu, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+
+    def cfg(**train):
+        c = preset("730m")
+        for k, v in train.items():
+            setattr(c.train, k, v)
+        return c
+
+    assert use_bf16_weights(cfg(), gpu, bf16, swap=False)  # the guide: micro-batch 2 x 32
+    assert not use_bf16_weights(cfg(), gpu, bf16, swap=True)  # memory first
+    assert not use_bf16_weights(cfg(), gpu, None, swap=False)  # fp32: nothing to cast
+    assert not use_bf16_weights(cfg(), cpu, bf16, swap=False)
+    assert not use_bf16_weights(cfg(micro_batch=64, grad_accum=1), gpu, bf16, swap=False)
+    assert not use_bf16_weights(cfg(compile=True), gpu, bf16, swap=False)
+    assert use_bf16_weights(cfg(bf16_weights="on", compile=True), cpu, bf16, swap=False)
+    assert not use_bf16_weights(cfg(bf16_weights="off"), gpu, bf16, swap=False)

@@ -48,7 +48,7 @@ def estimate(cfg: Config, params: int, micro_batch: int | None = None, tokens: i
     grads = params * 4
     optimizer = params * 8
     ema = params * 4 if cfg.tech.ema_decay > 0 and cfg.tech.ema_device == "same" else 0
-    copies = params * 2 if t.bf16_weights != "off" and t.precision in ("auto", "bf16") else 0
+    copies = params * 2 if t.bf16_weights != "off" and t.precision in ("auto", "bf16") and t.grad_accum > 1 else 0
     passes = 2 if cfg.tech.rdrop_alpha > 0 else 1
     per_layer = seq * m.hidden * 34 + 5 * m.heads * seq * seq
     if m.activation_checkpointing:
