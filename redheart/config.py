@@ -85,6 +85,11 @@ class TrainConfig:
     # compile, no swap manager) | on | off
     bf16_weights: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
+    # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp
+    # (PyTorch FSDP2: weights, gradients and AdamW state sharded 1/N, for a model that does not
+    # fit one GPU; no CUDA graphs, train.compile or swap manager). Like --gpus, it comes from the
+    # command line on --resume; checkpoints are the same plain files either way.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -369,6 +374,17 @@ def _validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
     _check(t.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", t.resume_states_kept)
+    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)
+    if t.parallel == "fsdp":
+        _check(not t.compile, "train.compile", "not available with train.parallel=fsdp", t.compile)
+        _check(t.cuda_graphs != "on", "train.cuda_graphs", "auto or off with train.parallel=fsdp "
+               "(FSDP gathers weights in every forward: no CUDA graphs)", t.cuda_graphs)
+        _check(t.bf16_weights != "on", "train.bf16_weights", "auto or off with train.parallel=fsdp "
+               "(FSDP gathers the weights for every forward)", t.bf16_weights)
+        _check(cfg.memory.swap != "on", "memory.swap", "auto or off with train.parallel=fsdp "
+               "(FSDP shards the optimizer state instead)", cfg.memory.swap)
+        _check(cfg.tech.ema_device == "same", "tech.ema_device", "same with train.parallel=fsdp "
+               "(the average is sharded like the weights)", cfg.tech.ema_device)
     _check(0 <= x.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", x.label_smoothing)
     _check(x.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", x.rdrop_alpha)
     _check(0 <= x.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", x.ema_decay)

@@ -7,15 +7,23 @@ normalised by the labelled counts of the *whole* step, so the summed gradient eq
 single-process one, whatever the number of ranks. The all-reduce runs in ~100 MB buckets,
 each launched as soon as it is flattened; every rank calls it once a step even with no
 samples of its own (short last step), so no rank can wait on another forever.
+
+With `train.parallel=fsdp` PyTorch's FSDP2 shards instead: each rank keeps 1/N of every
+weight, gradient and AdamW moment (DTensors), gathers a layer's weights for its forward and
+backward, and reduce-scatters the gradients; `shard_model` sets it up. Whatever reads or
+writes whole weights (checkpoints) gathers the shards with `gathered` or cuts whole tensors
+into them with `shard_like`: the files are the same plain tensors under either mode.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 BUCKET_BYTES = 100 * 2**20
 
@@ -152,3 +160,57 @@ def any_rank(flag: bool, world: World) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def shard_model(model: torch.nn.Module, layers: type[torch.nn.Module]) -> None:
+    """FSDP2 over `model` (on its device): each `layers` module (a Transformer layer) is a unit
+    of its own, the root holds the rest. Gradients are reduce-scattered as sums: FSDP's default
+    mean over the ranks would undo the losses' normalisation by the whole step's counts (see above)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    # the model's device, not FSDP's default (the GPU whenever there is one: gloo runs on CPUs)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    # the `regret` output is a view (a squeeze); nothing changes the outputs in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for m in list(model.modules()):
+        if isinstance(m, layers):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            if hasattr(m, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+            else:  # torch 2.6, 2.7: a PREMUL_SUM by 1 (NCCL only)
+                m.set_reduce_scatter_divide_factor(1.0)
+
+
+def gathered(tree, world: World):
+    """`tree` (a state dict: nested dicts and lists) with every DTensor, an FSDP shard, made
+    whole on the CPU. Every rank must call it (each DTensor is all-gathered, in the same order
+    on all ranks); rank 0 alone keeps the tensors, the others get None in their place."""
+    if isinstance(tree, DTensor):
+        whole = tree.full_tensor()
+        return whole.cpu() if world.main else None
+    if isinstance(tree, dict):
+        return {k: gathered(v, world) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(gathered(v, world) for v in tree)
+    return tree
+
+
+def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor `t` cut like `like` when that is an FSDP shard of the same shape
+    (every rank holds `t`; a collective), else `t` as it is (AdamW's step count, no FSDP)."""
+    if isinstance(like, DTensor) and t.shape == like.shape:
+        return distribute_tensor(t.to(like.device), like.device_mesh, like.placements)
+    return t
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state as `torch.optim` writes it (keyed by parameter index) cut into
+    this rank's shards of the optimizer's parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {**state, "state": {i: {k: shard_like(v, params[i]) if torch.is_tensor(v) else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}

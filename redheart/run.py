@@ -71,6 +71,7 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
         saved = Config.from_dict(state["config"])
         saved.output_dir = cfg.output_dir
         saved.train.device = cfg.train.device
+        saved.train.parallel = cfg.train.parallel  # how this launch shares the work, like --gpus
         if opts.epochs_given and cfg.train.epochs != saved.train.epochs:
             log.warning("--epochs %d on resume: the LR schedule is recomputed for the new length "
                         "(the continuation is no longer bit-identical)", cfg.train.epochs)
@@ -352,10 +353,8 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
             log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
                      trainer.step_in_epoch, trainer.global_step)
         elif warm is not None:
-            trainer.model.load_state_dict({k: v.float() for k, v in warm["model_state"].items()})
+            trainer.load_weights({k: v.float() for k, v in warm["model_state"].items()})
             trainer.epoch = int(warm["epoch"])
-            if trainer.ema is not None:
-                trainer.ema.shadow = [p.detach().clone().float() for p in trainer.model.parameters()]
         elif cfg.sweep.enabled:
             from redheart.sweep import run_sweep, write_sweep
 

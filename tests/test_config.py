@@ -41,11 +41,25 @@ def test_round_trip_through_a_dict():
     ("data.train_frac=0.95", "data.val_frac"),
     ("train.nonsense=1", "train.nonsense"),
     ("train.bf16_weights=maybe", "train.bf16_weights"),
+    ("train.parallel=zero3", "train.parallel"),
 ])
 def test_invalid_values_fail_at_load_naming_the_field(assignment, field):
     with pytest.raises(ConfigError) as err:
         build_config("tiny", [], [assignment])
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("assignment, field", [
+    ("train.compile=true", "train.compile"),
+    ("train.cuda_graphs=on", "train.cuda_graphs"),
+    ("memory.swap=on", "memory.swap"),
+    ("train.bf16_weights=on", "train.bf16_weights"),
+    ("tech.ema_device=cpu", "tech.ema_device"),
+])
+def test_fsdp_refuses_what_it_cannot_run_naming_the_setting(assignment, field):
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", [], ["train.parallel=fsdp", assignment])
+    assert field in str(err.value) and "train.parallel=fsdp" in str(err.value)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import ROOT, cli, newest_state
+from redheart.ckpt import io as ckio
 
 # No dropout and no R-Drop: with several ranks only the summation order changes.
 ARGS = ["--preset", "tiny", "--device", "cpu", "--max-records", "70", "--epochs", "2", "--no-lr-sweep",
@@ -45,6 +46,55 @@ def test_two_gloo_processes_equal_one_process(single, tmp_path):
     meta = json.loads((tmp_path / "two" / "checkpoints_final" / "metadata.json").read_text())
     assert [m["epoch"] for m in meta] == [2]  # written once (rank 0), not once per rank
     assert len(list((tmp_path / "two" / "logs").glob("training_*.log"))) == 1
+
+
+FSDP = ["--gpus", "2", "--set", "train.parallel=fsdp"]
+
+
+def test_fsdp_on_two_gloo_processes_equals_one_process(single, tmp_path):
+    """FSDP2 (weights, gradients and AdamW state sharded; gradients reduce-scattered as sums)
+    ends with the single-process weights, and its resume state is whole and plain. A token
+    budget gives the ranks unequal micro-batch counts and validation batches of one text leave
+    a rank short: both make that rank run filler passes so the collectives stay in step."""
+    out = tmp_path / "fsdp"
+    run = cli("unified-train", *ARGS, *FSDP, "--set", "train.micro_batch_tokens=100",
+              "--set", "train.eval_batch=1", "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "FSDP: weights, gradients and optimizer state sharded across 2 processes" in run.stderr
+    a, b = single, newest_state(out)
+    assert_same_weights(a, b)
+    for ra, rb in zip(a["history"], b["history"]):
+        assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4
+        assert abs(ra["val_ema"]["loss"] - rb["val_ema"]["loss"]) < 1e-4
+        assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-4
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]  # indices, as torch.optim writes
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert type(b["optimizer"]["state"][i][k]) is torch.Tensor
+            assert torch.allclose(v, b["optimizer"]["state"][i][k], rtol=1e-3, atol=1e-7), (i, k)
+    for k, v in a["ema"]["shadow"].items():
+        assert torch.allclose(v, b["ema"]["shadow"][k], rtol=1e-4, atol=1e-6), k
+    meta = json.loads((out / "checkpoints_final" / "metadata.json").read_text())
+    snapshot = ckio.load(meta[-1]["path"], meta[-1]["sha256"])["model_state"]
+    assert all(type(v) is torch.Tensor and v.shape == a["model_state"][k].shape for k, v in snapshot.items())
+
+
+def test_a_stop_under_fsdp_resumes_under_fsdp_then_on_one_process_with_the_same_weights(single, tmp_path):
+    """The whole resume state FSDP writes is cut into shards again by a resumed FSDP run (every
+    rank loads it) and read as it is by a single process, which ends with the single run's weights."""
+    out = str(tmp_path / "run")
+    stopped = cli("unified-train", *ARGS, *FSDP, "--output-dir", out,
+                  env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 3})})
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert newest_state(tmp_path / "run")["global_step"] == 3
+    again = cli("unified-train", *ARGS, *FSDP, "--output-dir", out, "--resume", "latest",
+                env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 6})})
+    assert again.returncode == 75, again.stderr[-3000:]
+    assert "FSDP: weights" in again.stderr
+    assert newest_state(tmp_path / "run")["global_step"] == 6
+    resumed = cli("unified-train", *ARGS, "--output-dir", out, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(single, newest_state(tmp_path / "run"))
 
 
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):

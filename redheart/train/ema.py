@@ -3,7 +3,9 @@
 One `torch._foreach_lerp_` over all parameters per update (on the model's device or in CPU
 memory). The decay warms up as min(decay, (1 + t) / (10 + t)) so the average leaves the
 initial weights quickly; the update count is part of the state, so a resumed run continues
-the same sequence.
+the same sequence. Under FSDP the parameters are DTensors and so is the average: each rank
+keeps and updates the shards of its own parameters; `state_dict` and `weights` leave them as
+DTensors for `redheart.dist.gathered` to make whole, `load_state_dict` cuts whole tensors.
 """
 from __future__ import annotations
 
@@ -12,6 +14,14 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from redheart.dist import shard_like
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU; an FSDP shard (DTensor) as it is, to be gathered whole by the caller."""
+    return t.detach() if isinstance(t, DTensor) else t.detach().cpu()
 
 
 class EMA:
@@ -49,7 +59,7 @@ class EMA:
         self.shadow = [t.to(device) for t in self.shadow]
 
     def state_dict(self) -> dict:
-        return {"shadow": {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)},
+        return {"shadow": {n: _host(t).clone() for n, t in zip(self.names, self.shadow)},
                 "num_updates": self.num_updates, "decay": self.decay, "warmup": self.warmup}
 
     def load_state_dict(self, state: dict) -> None:
@@ -57,12 +67,20 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state does not match the model: keys differ {sorted(missing)[:5]}")
         for t, n in zip(self.shadow, self.names):
-            t.copy_(state["shadow"][n])
+            t.copy_(shard_like(state["shadow"][n], t))
         self.num_updates = int(state["num_updates"])
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start the average anew from the model's weights (a warm start from a snapshot)."""
+        params = dict(model.named_parameters())
+        for t, n in zip(self.shadow, self.names):
+            t.copy_(params[n])
+        self.num_updates = 0
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged weights as a (CPU) state dict of the trainable parameters."""
-        return {n: t.detach().cpu() for n, t in zip(self.names, self.shadow)}
+        return {n: _host(t) for n, t in zip(self.names, self.shadow)}
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:

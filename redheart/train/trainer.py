@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from redheart.ckpt import io as ckio
 from redheart.ckpt.retention import select_deletions
@@ -28,11 +30,12 @@ from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import (LOSS_KEYS, World, all_objects, any_rank, broadcast, gather_rows, sum_gradients,
-                           sum_scalars, unpack_scalars)
+from redheart.dist import (LOSS_KEYS, World, all_objects, any_rank, broadcast, gather_rows, gathered,
+                           shard_like, shard_model, shard_optimizer_state, sum_gradients, sum_scalars,
+                           unpack_scalars)
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
-from redheart.model.network import RedHeartNet
+from redheart.model.network import Block, RedHeartNet
 from redheart.train import memory
 from redheart.train.ema import EMA
 from redheart.train.flops import measure_peak_tflops, train_flops
@@ -166,10 +169,11 @@ def memory_cap_gib(device: torch.device) -> float | None:
     return total * torch.cuda.get_per_process_memory_fraction(index)
 
 
-def plan_memory(cfg: Config, device: torch.device, params: int) -> tuple[bool, bool, str]:
-    """(swap manager on, activation checkpointing on, why) from the estimate and the GPU."""
+def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = False) -> tuple[bool, bool, str]:
+    """(swap manager on, activation checkpointing on, why) from the estimate and the GPU. Never
+    the swap manager under FSDP, which shards the optimizer state instead."""
     cap = memory_cap_gib(device)
-    mode = cfg.memory.swap
+    mode = "off" if fsdp else cfg.memory.swap
     if mode == "on" and cap is None:  # no GPU: the CPU path of the swap manager (used by tests)
         return True, cfg.model.activation_checkpointing, "memory.swap=on"
     if cap is None or mode == "off":
@@ -195,20 +199,27 @@ def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int
     """Outputs for a whole split, in the split's order, on the CPU (model left in eval mode).
 
     Under several processes each rank predicts every world-th text (by length order, so the
-    shares cost alike) and the rows are gathered: every rank gets the same full result.
+    shares cost alike) and the rows are gathered: every rank gets the same full result. Under
+    FSDP every forward gathers each layer's weights from all ranks, so every rank runs as many
+    batches as rank 0 (which has the most texts); a rank short of texts runs the first text
+    again and drops the output.
     """
     world = world or World()
     model.eval()
     n = len(source.data)
     order = sorted(range(n), key=lambda i: (-int(source.data.lengths[i]), i))[world.rank::world.size]
+    fsdp = isinstance(model, FSDPModule)
     outs: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, len(order), batch_size):
+    for s in range(0, -(-n // world.size) if fsdp else len(order), batch_size):
         idx = order[s:s + batch_size]
-        states, batch = source(idx)
+        states, batch = source(idx or [0])
         with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(states, batch.keep.to(states.device, non_blocking=True), batch.padded)
         for k, v in out.items():
-            outs.setdefault(k, []).append(v.float().cpu())
+            if idx:
+                outs.setdefault(k, []).append(v.float().cpu())
+    if fsdp:  # FSDP keeps the root's gathered weights after a forward (for the backward): free them
+        model.reshard()
     if outs:
         local = {k: torch.cat(v) for k, v in outs.items()}
     else:  # more ranks than texts: this rank contributes no rows
@@ -238,17 +249,21 @@ class Trainer:
         self.dtype = amp_dtype(cfg, device)
         self.train_data = data.splits["train"]
         self.world = world or World()
+        self.fsdp = self.world.active and cfg.train.parallel == "fsdp"
 
         torch.manual_seed(cfg.train.seed)
         with device:  # initialise on the device itself (a 730M init on the CPU takes many seconds)
             self.model = RedHeartNet(cfg.model)
         self.param_counts = count_parameters(self.model)
         self.lr = cfg.train.lr
-        self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"])
+        self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"], self.fsdp)
         if checkpointing and not cfg.model.activation_checkpointing:
             self.set_checkpointing(True)
         if self.swap:
             log.info("Dynamic Swap Manager on: optimizer state and update in pinned CPU memory (%s)", why)
+        if self.fsdp:  # before the optimizer, which must hold the sharded parameters
+            shard_model(self.model, Block)
+            log.info("FSDP: weights, gradients and optimizer state sharded across %d processes", self.world.size)
         self.optimizer = build_optimizer(self.model, cfg, self.lr, device, self.swap)
         eff = cfg.effective_batch
         self.steps_per_epoch = math.ceil(len(self.train_data) / eff)
@@ -266,13 +281,13 @@ class Trainer:
         self.micro_batch = cfg.train.micro_batch
         self.micro_batch_tokens = cfg.train.micro_batch_tokens
         self.lowp = None
-        if use_bf16_weights(cfg, device, self.dtype, self.swap):
+        if use_bf16_weights(cfg, device, self.dtype, self.swap) and not self.fsdp:  # FSDP: weights gathered per forward
             self.lowp = LowPrecisionCopies(self.model, torch.bfloat16)
             log.info("bf16 weight copies on (%.2f GiB, cast once per optimizer step); weight gradients "
                      "summed in fp32 %s", self.lowp.nbytes / 2**30,
                      "by the matrix product (fused)" if self.lowp.fused else "after a bf16 product")
         self.graphs = None
-        if use_cuda_graphs(cfg, device) and not self.checkpointing:
+        if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
                                             cfg.model.max_tokens)
         if cfg.train.compile:
@@ -299,22 +314,34 @@ class Trainer:
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
         counts = self.train_data.head_counts(step)
         self._step_counts = counts
-        mine = shard(step, self.world.rank, self.world.size, self.train_data.lengths)
+        lengths = self.train_data.lengths
+        mine = shard(step, self.world.rank, self.world.size, lengths)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
             try:
-                return self._accumulate(mine, counts, attempt)
+                mbs = micro_batches(mine, lengths, self.micro_batch, self.micro_batch_tokens)
+                own = len(mbs)
+                if self.fsdp:  # every forward and backward gathers weights from all ranks: all
+                    # run as many micro-batches as the busiest rank, extra ones with zero loss weight
+                    busiest = max(len(micro_batches(shard(step, r, self.world.size, lengths), lengths,
+                                                    self.micro_batch, self.micro_batch_tokens))
+                                  for r in range(self.world.size))
+                    mbs += [step[:1]] * (busiest - own)
+                return self._accumulate(mbs, own, counts, attempt)
             except torch.OutOfMemoryError as exc:
                 attempt += 1
                 self._recover_from_oom(exc, attempt)
                 if rng is not None:
                     restore_rng(rng)
 
-    def _accumulate(self, mine: list[int], counts: dict[str, int], attempt: int) -> dict[str, torch.Tensor]:
+    def _accumulate(self, mbs: list[list[int]], own: int, counts: dict[str, int],
+                    attempt: int) -> dict[str, torch.Tensor]:
+        """Forward and backward over the micro-batches `mbs`. Those from index `own` on are FSDP's
+        fillers: their loss counts zero times, but their backward reaches the same parameters as
+        a real one's, so every rank runs the same collectives."""
         tech, weights = self.cfg.tech, self.cfg.train.head_weights
         source, lengths = self.features["train"], self.train_data.lengths
-        mbs = micro_batches(mine, lengths, self.micro_batch, self.micro_batch_tokens)
         inv = inverse_counts(counts, self.device) if self.graphs is not None else None
         if self.lowp is not None:
             self.lowp.refresh()  # the weights of this step, cast once
@@ -322,7 +349,7 @@ class Trainer:
         idx_all = to_device([i for mb in mbs for i in mb], self.device, torch.long) if source.cached else None
         parts_sum: dict[str, torch.Tensor] = {}
         start = 0
-        for mb in mbs:
+        for n, mb in enumerate(mbs):
             if self.faults.get("oom_at_step") == self.global_step and attempt < self.faults.get("oom_attempts", 1):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
             lens = [int(lengths[i]) for i in mb]
@@ -340,6 +367,9 @@ class Trainer:
             else:
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
                                            tech, weights, self.dtype)
+                if n >= own:
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
@@ -399,7 +429,8 @@ class Trainer:
         event = {"step": self.global_step, "epoch": self.epoch + 1, "attempt": attempt,
                  "micro_batch_before": before, "error": str(exc).splitlines()[0][:200],
                  "memory": memory.sample(self.device)}
-        if before > 1 and attempt <= self.cfg.memory.max_oom_retries:
+        # Under FSDP the other ranks wait in a collective of the step this rank left: no retry.
+        if before > 1 and attempt <= self.cfg.memory.max_oom_retries and not self.fsdp:
             self.micro_batch = max(1, before // 2)
             self.micro_batch_tokens //= 2
             event["action"] = f"retry with micro-batch {self.micro_batch} (accumulation x{before // self.micro_batch})"
@@ -407,7 +438,7 @@ class Trainer:
             self.oom_events.append(event)
             log.warning("out of memory at step %d: %s", self.global_step, event["action"])
             return
-        if not self.swap and self.cfg.memory.swap != "off" and self.device.type == "cuda":
+        if not self.swap and self.cfg.memory.swap != "off" and self.device.type == "cuda" and not self.fsdp:
             self.enable_swap()
             event["action"] = "Dynamic Swap Manager on (optimizer state to CPU memory), activation checkpointing on"
             event["micro_batch_after"] = before
@@ -421,9 +452,10 @@ class Trainer:
         # save is possible; torchrun stops them when this rank exits, the last state stays.
         path = self.save_resume_state() if not self.world.active else None
         raise TrainingStopped(
-            f"out of memory at step {self.global_step} with micro-batch {before}: nothing smaller fits. "
+            f"out of memory at step {self.global_step} with micro-batch {before}: "
+            f"{'a rank cannot retry alone under FSDP' if self.fsdp else 'nothing smaller fits'}. "
             f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
-            f"--set memory.swap=on: --resume {path}", path, code=4)
+            f"{'more GPUs' if self.fsdp else '--set memory.swap=on'}: --resume {path}", path, code=4)
 
     def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> bool:
         """Clip and step `optimizer` unless the loss or gradient is not finite; clear gradients.
@@ -432,8 +464,9 @@ class Trainer:
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
         """
         summed = None
-        if self.world.active:  # every rank holds a part of the step: sum gradients and loss parts
-            sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
+        if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
+            if not self.fsdp:
+                sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
             summed = sum_scalars(parts, self.world, self.stop.requested)
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
@@ -442,6 +475,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if isinstance(norm, DTensor):  # under FSDP: the norm over all ranks' shards
+            norm = norm.full_tensor()
         loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
         ok = torch.isfinite(norm) & torch.isfinite(loss)
         if summed is None:
@@ -581,8 +616,10 @@ class Trainer:
         log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
         if self.tb is not None:
             self.tb.epoch(record)
-        if self.world.main and (self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs):
-            self.save_snapshot(record)
+        if self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs:
+            weights = self.snapshot_weights() if self.world.main or self.fsdp else None  # FSDP: all gather
+            if self.world.main:
+                self.save_snapshot(record, weights)
         self.save_resume_state()
         return record
 
@@ -592,15 +629,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights, plain tensors on the CPU. Under FSDP every rank must call
+        it (the shards are gathered) and only rank 0 gets them."""
+        return {k: v.detach().cpu() for k, v in gathered(self.model.state_dict(), self.world).items()
+                if v is not None}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load whole weights (every rank holds them; under FSDP each keeps its shards); the EMA
+        starts anew from them."""
+        like = self.model.state_dict()
+        self.model.load_state_dict({k: shard_like(v, like.get(k, v)) for k, v in weights.items()})
+        if self.ema is not None:
+            self.ema.reset(self.model)
+
     def snapshot_weights(self) -> dict[str, torch.Tensor]:
+        """What an epoch snapshot keeps (raw or EMA weights, whole); under FSDP see `model_state`."""
         dtype = torch.bfloat16 if self.cfg.train.snapshot_dtype == "bf16" else torch.float32
         if self.cfg.train.snapshot_weights == "ema" and self.ema is not None:
-            src = self.ema.weights()
+            src = gathered(self.ema.weights(), self.world)
         else:
-            src = self.model.state_dict()
-        return {k: v.detach().to("cpu", dtype) for k, v in src.items()}
+            src = self.model_state()
+        return {k: v.detach().to("cpu", dtype) for k, v in src.items() if v is not None}
 
-    def save_snapshot(self, record: dict[str, Any]) -> str | None:
+    def save_snapshot(self, record: dict[str, Any], weights: dict[str, torch.Tensor]) -> str | None:
         lr = record["lr"]
         # the name carries the run's peak LR (the sweep's choice or train.lr), as in the guide's
         # `checkpoint_epoch_0002_lr_0.000100_...`; the scheduled LR at the epoch's end is in `lr`
@@ -612,7 +664,7 @@ class Trainer:
             metrics["ema"] = record["val_ema"]
         ckpt = {"kind": "snapshot", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
                 "epoch": self.epoch, "global_step": self.global_step, "lr": lr,
-                "weights": self.cfg.train.snapshot_weights, "model_state": self.snapshot_weights(),
+                "weights": self.cfg.train.snapshot_weights, "model_state": weights,
                 "metrics": metrics, "config": self.cfg.to_dict(), "param_counts": self.param_counts}
         try:
             info = ckio.atomic_save(ckpt, path)
@@ -657,14 +709,17 @@ class Trainer:
                 log.warning("retention: could not delete %s: %s", p, exc)
 
     def resume_state(self, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything to continue exactly, as plain tensors in the layout of one process (the
+        optimizer's as `torch.optim` writes it): it resumes under any mode and number of
+        processes. Under FSDP every rank must call it; rank 0's alone is whole."""
         rngs = rngs or [capture_rng()]
         return {
             "kind": "resume", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
             "config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "micro_batch": self.micro_batch, "lr": self.lr,
-            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "model_state": self.model_state(),
+            "optimizer": gathered(self.optimizer.state_dict(), self.world), "scheduler": self.scheduler.state_dict(),
+            "ema": gathered(self.ema.state_dict(), self.world) if self.ema is not None else None,
             "rng": rngs[0], "rng_ranks": rngs, "history": self.history, "epoch_stats": self.epoch_stats.state(),
             "bad_steps_total": self.bad_steps_total, "bad_steps_in_row": self.bad_steps_in_row,
             "oom_events": self.oom_events, "sweep": self.sweep_result, "finished": self.finished,
@@ -678,14 +733,15 @@ class Trainer:
         comes back (also in `last_resume_path`). Under several processes every rank calls it:
         rank 0 writes, with every rank's RNG streams, and all get its answer."""
         rngs = all_objects(capture_rng(), self.world)
-        path = self._write_resume_state(rngs) if self.world.main else None
+        state = self.resume_state(rngs) if self.world.main or self.fsdp else None  # FSDP: all gather
+        path = self._write_resume_state(state) if self.world.main else None
         self.last_resume_path = broadcast(path, self.world)
         return self.last_resume_path
 
-    def _write_resume_state(self, rngs: list[dict[str, Any]]) -> str | None:
+    def _write_resume_state(self, state: dict[str, Any]) -> str | None:
         path = self.paths.resume_path(self.global_step)
         try:
-            info = ckio.atomic_save(self.resume_state(rngs), path)
+            info = ckio.atomic_save(state, path)
         except ckio.CheckpointError as exc:
             log.error("resume state not saved (the previous one is kept): %s", exc)
             return None
@@ -710,12 +766,13 @@ class Trainer:
         return str(path)
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue exactly from a resume state."""
-        self.model.load_state_dict(state["model_state"])
+        """Continue exactly from a resume state (every rank holds it whole)."""
+        self.load_weights(state["model_state"])
         oom_events = list(state["oom_events"])
-        if not self.swap and any(str(e.get("action", "")).startswith("Dynamic Swap Manager") for e in oom_events):
+        if not self.swap and not self.fsdp and \
+                any(str(e.get("action", "")).startswith("Dynamic Swap Manager") for e in oom_events):
             self.enable_swap()  # an OOM had turned it on: go on as the interrupted run did
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state["ema"] is None:
