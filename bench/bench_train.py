@@ -9,6 +9,11 @@ optimizer steps, then times `--steps` optimizer steps with the real Trainer (sam
 training) and prints samples/s, real (non-padding) tokens/s, MFU against a bf16 matrix-product
 peak measured in the same run, peak memory and step time. Results go to --out as JSON.
 
+A curve longer than one call allows (the 100 capped steps of the memory issue): with
+`--state-dir DIR --checkpoint-after SECONDS` (or `save_at=K` in a variant) a variant saves the
+trainer's exact resume state and stops; the same command run again continues from it, with
+the same data order, dropout streams and optimizer state as one uninterrupted run.
+
 With `--profile DIR`, one more optimizer step of each variant runs under torch.profiler: the
 GPU kernels' time by kind (matrix products, attention, element-wise, casts and copies,
 normalisation and reductions, optimizer, communication), the share of the step's wall time the
@@ -28,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from redheart.ckpt import io as ckio  # noqa: E402
 from redheart.ckpt.state import RunPaths  # noqa: E402
 from redheart.config import preset, set_value  # noqa: E402
 from redheart.data.dataset import epoch_plan  # noqa: E402
@@ -130,6 +136,10 @@ def main() -> int:
     p.add_argument("--memory-cap-gib", type=float, default=0, help="limit this process's GPU memory")
     p.add_argument("--out", default="bench_train.json")
     p.add_argument("--profile", default="", help="profile one extra step per variant; traces go to this folder")
+    p.add_argument("--state-dir", default="", help="with --checkpoint-after: where a variant's training state "
+                   "goes; a variant whose state is there continues from it (a long curve over several calls)")
+    p.add_argument("--checkpoint-after", type=float, default=0,
+                   help="seconds after which a variant saves its state to --state-dir and stops")
     p.add_argument("--stream", default="", help="append every step's loss to this JSON-lines file "
                    "(a read per step: for loss curves, not for timings)")
     args = p.parse_args()
@@ -151,6 +161,7 @@ def main() -> int:
         name, pairs = parse_variant(spec)
         cap = float(pairs.pop("cap", args.memory_cap_gib))  # per-variant GPU memory cap in GiB (0 = none)
         n_warm, n_steps = int(pairs.pop("warmup", args.warmup)), int(pairs.pop("steps", args.steps))
+        save_at = int(pairs.pop("save_at", 0))  # with --state-dir: save and stop after this step
         cfg = preset(args.preset)
         cfg.data.paths, cfg.data.max_records, cfg.train.device = args.data, args.records, device.type
         for k, v in pairs.items():
@@ -166,20 +177,36 @@ def main() -> int:
         trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
         plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
         steps = [plan[i % len(plan)] for i in range(n_warm + n_steps)]
-        losses = []
+        losses, start, stopped = [], 0, False
+        state_file = Path(args.state_dir) / f"{name}.pt" if args.state_dir else None
+        if state_file is not None and state_file.exists():  # continue exactly where the last call stopped
+            saved = ckio.load(state_file)
+            trainer.restore(saved)
+            start, losses = int(saved["bench_step"]), list(saved["bench_losses"])
+            print(f"{name}: continuing from step {start} ({state_file})", flush=True)
+        t_begin = time.perf_counter()
+        t0 = t_begin
         try:
-            for i, step in enumerate(steps):
-                if i == n_warm:
+            for i in range(start, len(steps)):
+                if i == max(n_warm, start):
                     sync(device)
                     t0 = time.perf_counter()
                 trainer.model.train()
-                parts = trainer.accumulate(step)
+                parts = trainer.accumulate(steps[i])
                 trainer.optimizer_step(parts)
                 losses.append(parts["loss"])
                 if args.stream:
                     with open(args.stream, "a") as f:
                         f.write(json.dumps({"variant": name, "step": i, "loss": float(parts["loss"]),
                                             "t": time.perf_counter()}) + "\n")
+                late = args.checkpoint_after and time.perf_counter() - t_begin > args.checkpoint_after
+                if state_file is not None and i + 1 < len(steps) and (late or i + 1 == save_at):
+                    ckio.atomic_save({**trainer.resume_state(), "bench_step": i + 1,
+                                      "bench_losses": [float(x) for x in losses]}, state_file)
+                    print(f"{name}: stopped after step {i + 1} of {len(steps)}; state in {state_file}: "
+                          f"run the same command again to continue", flush=True)
+                    stopped = True
+                    break
             sync(device)
             seconds = time.perf_counter() - t0
         except Exception as exc:  # one failing variant must not lose the others' figures
@@ -187,7 +214,14 @@ def main() -> int:
             results.append({"name": name, "config": pairs, "error": f"{type(exc).__name__}: {exc}"[:500]})
             del trainer
             continue
-        timed = steps[n_warm:]
+        if stopped:
+            results.append({"name": name, "config": pairs, "stopped_at": len(losses),
+                            "losses": [float(x) for x in losses]})
+            del trainer
+            continue
+        if state_file is not None and state_file.exists():
+            state_file.unlink()  # done: the next call starts afresh
+        timed = steps[max(n_warm, start):]
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
@@ -227,6 +261,8 @@ def main() -> int:
     for r in results:
         if r.get("error"):
             print(f"| {r['name']} | failed: {r['error'][:60]} | | | | |")
+        elif "stopped_at" in r:
+            print(f"| {r['name']} | stopped after step {r['stopped_at']} (state saved) | | | | |")
         else:
             print(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
                   f"{r['step_s']:.2f} | {r['peak_gib']:.1f} |")
