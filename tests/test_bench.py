@@ -2,31 +2,36 @@
 uninterrupted curve (the memory issue's 100 capped steps span two device calls)."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
 import sys
 
 from helpers import ROOT, SAMPLE
 
+spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_train)
 
-def _bench(tmp_path, name: str, variant: str, *extra: str) -> subprocess.CompletedProcess:
+
+def _bench(tmp_path, capsys, monkeypatch, name: str, variant: str, *extra: str) -> str:
+    """One call of the benchmark's command line (in this process: the same code path); its stdout."""
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "bench/bench_train.py", "--preset", "tiny", "--data", str(SAMPLE), "--records", "80",
-           "--variant", variant, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--preset", "tiny", "--data", str(SAMPLE), "--records", "60",
+                                      "--variant", variant, "--out", str(out), *extra])
+    assert bench_train.main() == 0
+    return capsys.readouterr().out
 
 
-def test_a_curve_saved_and_continued_equals_the_uninterrupted_curve(tmp_path):
+def test_a_curve_saved_and_continued_equals_the_uninterrupted_curve(tmp_path, capsys, monkeypatch):
     v = "curve:micro_batch=2,grad_accum=4,warmup=0,steps=6"
-    _bench(tmp_path, "whole", v, "--stream", str(tmp_path / "whole.jsonl"))
+    _bench(tmp_path, capsys, monkeypatch, "whole", v, "--stream", str(tmp_path / "whole.jsonl"))
     state = tmp_path / "state"
-    first = _bench(tmp_path, "part1", v + ",save_at=3", "--state-dir", str(state),
+    first = _bench(tmp_path, capsys, monkeypatch, "part1", v + ",save_at=3", "--state-dir", str(state),
                    "--stream", str(tmp_path / "split.jsonl"))
-    assert "stopped after step 3 of 6" in first.stdout and (state / "curve.pt").exists()
-    second = _bench(tmp_path, "part2", v, "--state-dir", str(state), "--stream", str(tmp_path / "split.jsonl"))
-    assert "continuing from step 3" in second.stdout
+    assert "stopped after step 3 of 6" in first and (state / "curve.pt").exists()
+    second = _bench(tmp_path, capsys, monkeypatch, "part2", v, "--state-dir", str(state),
+                    "--stream", str(tmp_path / "split.jsonl"))
+    assert "continuing from step 3" in second
     assert not (state / "curve.pt").exists()  # finished: the next call would start afresh
 
     def losses(name):

@@ -74,7 +74,7 @@ def test_evaluation_and_released_copies_read_the_fp32_weights():
 def test_training_with_copies_ends_at_the_weights_of_plain_autocast(tmp_path):
     """Two epochs of the tiny preset on the CPU: bf16 autocast with the copies on and off end
     closer to each other than either is to fp32 (the yardstick of bf16 rounding)."""
-    common = {"train.epochs": 2, "data.max_records": 80, "crossover.enabled": False, "model.dropout": 0.0,
+    common = {"train.epochs": 2, "data.max_records": 50, "crossover.enabled": False, "model.dropout": 0.0,
               "tech.rdrop_alpha": 0.0}
     runs = {"off": {"train.precision": "bf16", "train.bf16_weights": "off"},
             "on": {"train.precision": "bf16", "train.bf16_weights": "on"},

@@ -42,7 +42,7 @@ class SwapAdamW(torch.optim.AdamW):
                 cpu.append(c)
                 self._pairs.append((p, c))
             cpu_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": cpu})
-        super().__init__(cpu_groups, lr=lr, betas=betas, foreach=True)
+        super().__init__(cpu_groups, lr=lr, betas=betas, fused=True)  # PyTorch's fused CPU kernel
         self._grads = [torch.empty(c.shape, dtype=torch.float32, pin_memory=self.cuda) for _, c in self._pairs]
         self._chunks = _chunks([c.numel() * 4 for _, c in self._pairs])
         self.cpu_of = {id(p): c for p, c in self._pairs}  # GPU parameter -> its CPU master copy
