@@ -67,7 +67,10 @@ def test_fsdp_on_two_gloo_processes_equals_one_process(single, tmp_path):
         assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4
         assert abs(ra["val_ema"]["loss"] - rb["val_ema"]["loss"]) < 1e-4
         assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-4
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]  # indices, as torch.optim writes
+    def groups(state):  # the kernel choice aside (fused on plain CPU tensors, not on FSDP's DTensors)
+        return [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in state["optimizer"]["param_groups"]]
+
+    assert groups(a) == groups(b)  # indices, as torch.optim writes
     for i, s in a["optimizer"]["state"].items():
         for k, v in s.items():
             assert type(b["optimizer"]["state"][i][k]) is torch.Tensor
