@@ -82,34 +82,18 @@ def test_fsdp_on_two_gloo_processes_equals_one_process(single, tmp_path):
     assert all(type(v) is torch.Tensor and v.shape == a["model_state"][k].shape for k, v in snapshot.items())
 
 
-def test_a_stop_under_fsdp_resumes_under_fsdp_then_on_one_process_with_the_same_weights(single, tmp_path):
-    """The whole resume state FSDP writes is cut into shards again by a resumed FSDP run (every
-    rank loads it) and read as it is by a single process, which ends with the single run's weights."""
-    out = str(tmp_path / "run")
-    stopped = cli("unified-train", *ARGS, *FSDP, "--output-dir", out,
-                  env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 3})})
-    assert stopped.returncode == 75, stopped.stderr[-3000:]
-    assert newest_state(tmp_path / "run")["global_step"] == 3
-    again = cli("unified-train", *ARGS, *FSDP, "--output-dir", out, "--resume", "latest",
-                env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 6})})
-    assert again.returncode == 75, again.stderr[-3000:]
-    assert "FSDP: weights" in again.stderr
-    assert newest_state(tmp_path / "run")["global_step"] == 6
-    resumed = cli("unified-train", *ARGS, "--output-dir", out, "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(single, newest_state(tmp_path / "run"))
-
-
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "--gpus 4" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_stop_under_two_processes_resumes_on_two_then_on_one_with_the_same_weights(single, tmp_path):
+def test_a_stop_under_two_processes_resumes_under_fsdp_then_on_one_with_the_same_weights(single, tmp_path):
     """A stop mid-epoch (the same request reaching both ranks) exits 75 with one resume state;
-    resumed by two processes (rank 1 loads the state rank 0 chose) it stops again; resumed by a
-    single process it ends where the single-process run ends."""
+    resumed by two FSDP processes (every rank cuts the whole state rank 0 chose into its shards)
+    it stops again, writing the whole state gathered from the shards; resumed by a single
+    process from that, it ends where the single-process run ends. So states move both ways
+    between the data-parallel modes and any number of processes."""
     out = str(tmp_path / "run")
     stopped = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", out,
                   env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 3})})
@@ -117,9 +101,10 @@ def test_a_stop_under_two_processes_resumes_on_two_then_on_one_with_the_same_wei
     assert "resume with:" in stopped.stderr
     state = newest_state(tmp_path / "run")
     assert state["global_step"] == 3 and len(state["rng_ranks"]) == 2
-    again = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", out, "--resume", "latest",
+    again = cli("unified-train", *ARGS, *FSDP, "--output-dir", out, "--resume", "latest",
                 env={"REDHEART_FAULTS": json.dumps({"stop_at_step": 6})})
     assert again.returncode == 75, again.stderr[-3000:]
+    assert "FSDP: weights" in again.stderr
     assert newest_state(tmp_path / "run")["global_step"] == 6
     resumed = cli("unified-train", *ARGS, "--output-dir", out, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
