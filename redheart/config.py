@@ -84,6 +84,9 @@ class TrainConfig:
     # in fp32 by the GEMM (redheart/model/lowp.py): auto (GPU, bf16 autocast, grad_accum > 1, no
     # compile, no swap manager) | on | off
     bf16_weights: str = "auto"
+    # write the epoch-end resume state from a thread while training goes on (a 730m state is
+    # 10.9 GB, ~20 s to write): auto (on a GPU) | on | off; stops and the end always wait for it
+    async_save: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp
     # (PyTorch FSDP2: weights, gradients and AdamW state sharded 1/N, for a model that does not
@@ -370,6 +373,7 @@ def _validate(cfg: Config) -> None:
     _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", t.micro_batch_tokens)
     _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "auto, on or off", t.cuda_graphs)
     _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
+    _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)

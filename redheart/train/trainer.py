@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,41 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
         return False
     return mode == "on" or (cfg.train.micro_batch <= 8 and not cfg.train.compile
                             and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
+
+
+class _Background(threading.Thread):
+    """`fn(arg)` in a thread; `wait()` joins and returns its result (None if it raised, logged)."""
+
+    def __init__(self, fn, arg):
+        super().__init__(name="redheart-save", daemon=False)
+        self.fn, self.arg, self.result = fn, arg, None
+        self.start()
+
+    def run(self) -> None:
+        t0 = time.time()
+        try:
+            self.result = self.fn(self.arg)
+        except Exception:  # noqa: BLE001 - reported, and the previous state stays registered
+            log.exception("resume state not saved (the previous one is kept)")
+        self.arg = None  # free the copy
+        if self.result:
+            log.info("resume state written in the background: %s (%.1f s)", Path(self.result).name, time.time() - t0)
+
+    def wait(self) -> str | None:
+        self.join()
+        return self.result
+
+
+def detached_copy(tree: Any) -> Any:
+    """`tree` (a state: dicts, lists, tensors) with every tensor copied to the CPU and every
+    container new, so that nothing training changes afterwards reaches it."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: detached_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(detached_copy(v) for v in tree)
+    return tree
 
 
 def use_bf16_weights(cfg: Config, device: torch.device, dtype: torch.dtype | None, swap: bool) -> bool:
@@ -306,6 +342,11 @@ class Trainer:
         self.finished = False
         self._epoch_t0 = time.time()
         self._stop_agreed = False  # any rank asked to stop, as of the last gradient all-reduce
+        # epoch-end resume states written from a thread (train.async_save)
+        self.async_save = cfg.train.async_save == "on" or (cfg.train.async_save == "auto" and device.type == "cuda")
+        self._saver: _Background | None = None
+        self._save_pending = False
+        self.last_resume_path: str | None = None
         # the bf16 matrix-product rate of this GPU, measured once: the denominator of MFU
         self.peak_tflops = measure_peak_tflops(device) if device.type == "cuda" else None
         torch.manual_seed(cfg.train.seed + 1 + self.world.rank)  # the dropout stream of training proper
@@ -515,6 +556,13 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
 
     def fit(self, progress=None) -> list[dict[str, Any]]:
+        try:
+            return self._fit(progress)
+        except BaseException:
+            self.wait_for_save(collective=False)  # a background write completes before the error goes on
+            raise
+
+    def _fit(self, progress=None) -> list[dict[str, Any]]:
         cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             epoch = self.epoch + 1
@@ -569,12 +617,14 @@ class Trainer:
             self.finished = self.epoch == cfg.train.epochs
             self.end_of_epoch()
             if any_rank(self.stop.requested, self.world) and not self.finished:  # a signal while closing the epoch
+                self.wait_for_save()
                 self.stop.signal_name = self.stop.signal_name or "a stop request on another rank"
                 raise TrainingStopped(f"stopped by {self.stop.signal_name} at the end of epoch {epoch}",
                                       self.last_resume_path, code=75)
         if not self.finished:  # a resumed run that had already finished: record that once
             self.finished = True
             self.save_resume_state()
+        self.wait_for_save()
         return self.history
 
     def _inject_numeric_fault(self, parts: dict[str, torch.Tensor]) -> None:
@@ -623,7 +673,7 @@ class Trainer:
             weights = self.snapshot_weights() if self.world.main or self.fsdp else None  # FSDP: all gather
             if self.world.main:
                 self.save_snapshot(record, weights)
-        self.save_resume_state()
+        self.save_resume_state(background=self.async_save)
         return record
 
     def write_metrics(self) -> None:
@@ -730,19 +780,40 @@ class Trainer:
             "param_counts": self.param_counts,
         }
 
-    def save_resume_state(self) -> str | None:
+    def save_resume_state(self, background: bool = False) -> str | None:
         """Write a resume state and register it; the registry keeps the newest
         `train.resume_states_kept`. On failure the previous states stay as they were and None
         comes back (also in `last_resume_path`). Under several processes every rank calls it:
-        rank 0 writes, with every rank's RNG streams, and all get its answer."""
+        rank 0 writes, with every rank's RNG streams, and all get its answer.
+
+        With `background`, rank 0 writes a copy of the state from a thread while training goes
+        on; `wait_for_save` joins it (every later save, the end of `fit` and any stop wait first),
+        so states are written one at a time and in order."""
+        self.wait_for_save()
         rngs = all_objects(capture_rng(), self.world)
         state = self.resume_state(rngs) if self.world.main or self.fsdp else None  # FSDP: all gather
+        if background:
+            if self.world.main:  # training goes on changing the originals: the thread gets copies
+                self._saver = _Background(self._write_resume_state, detached_copy(state))
+            self._save_pending = True
+            return None
         path = self._write_resume_state(state) if self.world.main else None
         self.last_resume_path = broadcast(path, self.world)
         return self.last_resume_path
 
+    def wait_for_save(self, collective: bool = True) -> None:
+        """Join a background write, if any; its path becomes `last_resume_path` (on every rank
+        when `collective`; False on the way out of an error, where ranks may be anywhere)."""
+        if not self._save_pending:
+            return
+        path = self._saver.wait() if self._saver is not None else None
+        self._saver, self._save_pending = None, False
+        self.last_resume_path = broadcast(path, self.world) if collective else path
+
     def _write_resume_state(self, state: dict[str, Any]) -> str | None:
-        path = self.paths.resume_path(self.global_step)
+        """Write and register `state`; reads nothing of the trainer that training changes (a
+        background write runs while it does)."""
+        path = self.paths.resume_path(state["global_step"])
         try:
             info = ckio.atomic_save(state, path)
         except ckio.CheckpointError as exc:
@@ -750,8 +821,9 @@ class Trainer:
             return None
         entries = [e for e in read_registry(self.paths.root) if e["path"] != str(path) and Path(e["path"]).is_file()]
         entries.append({"path": str(path), "sha256": info["sha256"], "size_bytes": info["size"],
-                        "run_id": self.paths.run_id, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                        "global_step": self.global_step, "finished": self.finished, "timestamp": iso_now()})
+                        "run_id": self.paths.run_id, **{k: state[k] for k in ("epoch", "step_in_epoch", "global_step",
+                                                                             "finished")},
+                        "timestamp": iso_now()})
         keep = self.cfg.train.resume_states_kept
         old, entries = entries[:-keep], entries[-keep:]
         try:
