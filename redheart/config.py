@@ -85,7 +85,8 @@ class TrainConfig:
     # compile, no swap manager) | on | off
     bf16_weights: str = "auto"
     # write the epoch-end resume state from a thread while training goes on (a 730m state is
-    # 10.9 GB, ~20 s to write): auto (on a GPU) | on | off; stops and the end always wait for it
+    # 10.9 GB, ~20 s to write; the copy takes as much host memory, so never with the swap
+    # manager): auto (on a GPU) | on | off; stops and the end always wait for it
     async_save: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp

@@ -673,7 +673,7 @@ class Trainer:
             weights = self.snapshot_weights() if self.world.main or self.fsdp else None  # FSDP: all gather
             if self.world.main:
                 self.save_snapshot(record, weights)
-        self.save_resume_state(background=self.async_save)
+        self.save_resume_state(background=self.async_save and not self.swap)  # swap manager: host memory is short
         return record
 
     def write_metrics(self) -> None:
