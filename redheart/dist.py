@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._pytree import tree_map_only
 
 BUCKET_BYTES = 100 * 2**20
 
@@ -190,14 +191,11 @@ def gathered(tree, world: World):
     """`tree` (a state dict: nested dicts and lists) with every DTensor, an FSDP shard, made
     whole on the CPU. Every rank must call it (each DTensor is all-gathered, in the same order
     on all ranks); rank 0 alone keeps the tensors, the others get None in their place."""
-    if isinstance(tree, DTensor):
-        whole = tree.full_tensor()
-        return whole.cpu() if world.main else None
-    if isinstance(tree, dict):
-        return {k: gathered(v, world) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(gathered(v, world) for v in tree)
-    return tree
+    def whole(t: DTensor) -> torch.Tensor | None:
+        full = t.full_tensor()
+        return full.cpu() if world.main else None
+
+    return tree_map_only(DTensor, whole, tree)
 
 
 def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

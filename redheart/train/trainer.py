@@ -13,14 +13,15 @@ import json
 import logging
 import math
 import sys
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torch.utils._pytree import tree_map_only
 from torch.distributed.tensor import DTensor
 
 from redheart.ckpt import io as ckio
@@ -121,39 +122,10 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
                             and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
 
 
-class _Background(threading.Thread):
-    """`fn(arg)` in a thread; `wait()` joins and returns its result (None if it raised, logged)."""
-
-    def __init__(self, fn, arg):
-        super().__init__(name="redheart-save", daemon=False)
-        self.fn, self.arg, self.result = fn, arg, None
-        self.start()
-
-    def run(self) -> None:
-        t0 = time.time()
-        try:
-            self.result = self.fn(self.arg)
-        except Exception:  # noqa: BLE001 - reported, and the previous state stays registered
-            log.exception("resume state not saved (the previous one is kept)")
-        self.arg = None  # free the copy
-        if self.result:
-            log.info("resume state written in the background: %s (%.1f s)", Path(self.result).name, time.time() - t0)
-
-    def wait(self) -> str | None:
-        self.join()
-        return self.result
-
-
 def detached_copy(tree: Any) -> Any:
     """`tree` (a state: dicts, lists, tensors) with every tensor copied to the CPU and every
     container new, so that nothing training changes afterwards reaches it."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: detached_copy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(detached_copy(v) for v in tree)
-    return tree
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), tree)
 
 
 def use_bf16_weights(cfg: Config, device: torch.device, dtype: torch.dtype | None, swap: bool) -> bool:
@@ -344,7 +316,8 @@ class Trainer:
         self._stop_agreed = False  # any rank asked to stop, as of the last gradient all-reduce
         # epoch-end resume states written from a thread (train.async_save)
         self.async_save = cfg.train.async_save == "on" or (cfg.train.async_save == "auto" and device.type == "cuda")
-        self._saver: _Background | None = None
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="redheart-save")  # a thread once used
+        self._pending: Future | None = None
         self._save_pending = False
         self.last_resume_path: str | None = None
         # the bf16 matrix-product rate of this GPU, measured once: the denominator of MFU
@@ -794,7 +767,7 @@ class Trainer:
         state = self.resume_state(rngs) if self.world.main or self.fsdp else None  # FSDP: all gather
         if background:
             if self.world.main:  # training goes on changing the originals: the thread gets copies
-                self._saver = _Background(self._write_resume_state, detached_copy(state))
+                self._pending = self._saver.submit(self._write_in_background, detached_copy(state))
             self._save_pending = True
             return None
         path = self._write_resume_state(state) if self.world.main else None
@@ -806,9 +779,20 @@ class Trainer:
         when `collective`; False on the way out of an error, where ranks may be anywhere)."""
         if not self._save_pending:
             return
-        path = self._saver.wait() if self._saver is not None else None
-        self._saver, self._save_pending = None, False
+        path = self._pending.result() if self._pending is not None else None
+        self._pending, self._save_pending = None, False
         self.last_resume_path = broadcast(path, self.world) if collective else path
+
+    def _write_in_background(self, state: dict[str, Any]) -> str | None:
+        t0 = time.time()
+        try:
+            path = self._write_resume_state(state)
+        except Exception:  # noqa: BLE001 - reported, and the previous state stays registered
+            log.exception("resume state not saved (the previous one is kept)")
+            return None
+        if path:
+            log.info("resume state written in the background: %s (%.1f s)", Path(path).name, time.time() - t0)
+        return path
 
     def _write_resume_state(self, state: dict[str, Any]) -> str | None:
         """Write and register `state`; reads nothing of the trainer that training changes (a
