@@ -4,7 +4,7 @@
         --variant guide:micro_batch=2,grad_accum=32 --variant fast:micro_batch=64,grad_accum=1 ...
 
 Each variant is `name:key=value,...` over train.* / tech.* / model.* fields (short names:
-micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs). For each it runs warm-up
+micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs, packing, ...). For each it runs warm-up
 optimizer steps, then times `--steps` optimizer steps with the real Trainer (same code as
 training) and prints samples/s, real (non-padding) tokens/s, MFU against a bf16 matrix-product
 peak measured in the same run, peak memory and step time. Results go to --out as JSON.
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redheart.ckpt import io as ckio  # noqa: E402
 from redheart.ckpt.state import RunPaths  # noqa: E402
 from redheart.config import preset, set_value  # noqa: E402
-from redheart.data.dataset import epoch_plan  # noqa: E402
+from redheart.data.dataset import epoch_plan, micro_batches  # noqa: E402
+from redheart.model.packing import padded_fraction  # noqa: E402
 from redheart.session import build_session  # noqa: E402
 from redheart.train.flops import measure_peak_tflops, train_flops  # noqa: E402
 from redheart.train.trainer import Trainer  # noqa: E402
@@ -45,7 +46,7 @@ SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "
          "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
          "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
          "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens",
-         "bf16_weights": "train.bf16_weights"}
+         "bf16_weights": "train.bf16_weights", "packing": "train.packing"}
 
 
 def sync(device: torch.device) -> None:
@@ -123,6 +124,18 @@ def profile_step(trainer: Trainer, step: list[int], device: torch.device, trace:
             "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}
                          for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]],
             "trace": str(trace)}
+
+
+def token_share(steps: list[list[int]], lengths: torch.Tensor, trainer: Trainer) -> float:
+    """Real tokens over the tokens the layers compute (padded, or packed rows) in these steps."""
+    real = computed = 0
+    for step in steps:
+        for mb in micro_batches(step, lengths, trainer.micro_batch, trainer.micro_batch_tokens):
+            lens = [int(lengths[i]) for i in mb]
+            n_real, padded, packed = padded_fraction(lens)
+            real += n_real
+            computed += packed if trainer.packing else padded
+    return real / computed
 
 
 def main() -> int:
@@ -233,7 +246,7 @@ def main() -> int:
              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
              "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses],
              "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
-             "cap_gib": cap}
+             "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap}
         if args.profile:
             r["profile"] = profile_step(trainer, steps[-1], device, Path(args.profile) / f"{name}.json")
             prof = r["profile"]
@@ -256,16 +269,16 @@ def main() -> int:
         n = min(len(a), len(b))
         rel = max(abs(x - y) / abs(x) for x, y in zip(a[:n], b[:n]))
         print(f"loss curve {r['name']} vs {curves[0]['name']} over {n} steps: max relative difference {rel:.2e}")
-    print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB | real/computed tokens |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("error"):
-            print(f"| {r['name']} | failed: {r['error'][:60]} | | | | |")
+            print(f"| {r['name']} | failed: {r['error'][:60]} | | | | | |")
         elif "stopped_at" in r:
-            print(f"| {r['name']} | stopped after step {r['stopped_at']} (state saved) | | | | |")
+            print(f"| {r['name']} | stopped after step {r['stopped_at']} (state saved) | | | | | |")
         else:
             print(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
-                  f"{r['step_s']:.2f} | {r['peak_gib']:.1f} |")
+                  f"{r['step_s']:.2f} | {r['peak_gib']:.1f} | {r['real_token_share']:.2f} |")
     return 0
 
 

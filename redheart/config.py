@@ -88,6 +88,10 @@ class TrainConfig:
     # 10.9 GB, ~20 s to write; the copy takes as much host memory, so never with the swap
     # manager): auto (on a GPU) | on | off; stops and the end always wait for it
     async_save: str = "auto"
+    # pack the texts of a micro-batch end to end in rows with block-diagonal attention instead
+    # of padding each to the longest (redheart/model/packing.py): auto (micro-batches of more
+    # than 8 texts without CUDA graphs, where padding costs) | on | off
+    packing: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp
     # (PyTorch FSDP2: weights, gradients and AdamW state sharded 1/N, for a model that does not
@@ -375,6 +379,7 @@ def _validate(cfg: Config) -> None:
     _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "auto, on or off", t.cuda_graphs)
     _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
     _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
+    _check(t.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", t.packing)
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)

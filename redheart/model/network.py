@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from redheart.config import ModelConfig
 from redheart.model.lowp import Linear
+from redheart.model.packing import Packing
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
 
@@ -97,8 +98,11 @@ class Tower(nn.Module):
             Linear(cfg.hidden, out_dim),
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
         x = self.norm(self.stack(x, attn_mask))
+        if packing is not None:
+            x = packing.unpack(x)  # each text's tokens back in its own row for the pooling
         scores = self.pool(x).squeeze(-1).float().masked_fill(~keep, float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(x.dtype)
         pooled = torch.einsum("bn,bnh->bh", weights, x)
@@ -107,7 +111,8 @@ class Tower(nn.Module):
 
 class RedHeartNet(nn.Module):
     """Token states (B, L, encoder_dim) and a padding mask (B, L; True = token) in; a dict out:
-    `emotion` and `surd` logits, `bentham` (B, 10) and `regret` (B,) in [0, 1]."""
+    `emotion` and `surd` logits, `bentham` (B, 10) and `regret` (B,) in [0, 1]. With a
+    `packing` (redheart/model/packing.py) the layers run on the texts packed into rows."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -132,17 +137,21 @@ class RedHeartNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(
-        self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None
+        self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None,
+        packing: Packing | None = None,
     ) -> dict[str, torch.Tensor]:
-        # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
-        # padded (the collator knows that on the host, so no device sync is needed here).
-        if padded is None:
-            padded = not bool(keep.all())
-        attn_mask = keep[:, None, None, :] if padded else None
+        if packing is not None:
+            states, attn_mask = packing.pack(states), packing.mask
+        else:
+            # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
+            # padded (the collator knows that on the host, so no device sync is needed here).
+            if padded is None:
+                padded = not bool(keep.all())
+            attn_mask = keep[:, None, None, :] if padded else None
         x = self.backbone(states, attn_mask)
         return {
-            "emotion": self.emotion(x, attn_mask, keep),
-            "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep).float()),
-            "regret": torch.sigmoid(self.regret(x, attn_mask, keep).float()).squeeze(-1),
-            "surd": self.surd(x, attn_mask, keep),
+            "emotion": self.emotion(x, attn_mask, keep, packing),
+            "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep, packing).float()),
+            "regret": torch.sigmoid(self.regret(x, attn_mask, keep, packing).float()).squeeze(-1),
+            "surd": self.surd(x, attn_mask, keep, packing),
         }

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from redheart.config import HEADS, TechniqueConfig
+from redheart.model.packing import plan
 from redheart.train.losses import rdrop_consistency, task_loss
 
 log = logging.getLogger("redheart")
@@ -25,15 +26,18 @@ TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "
 
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,
                  tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor, tech: TechniqueConfig,
-                 weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of one micro-batch and its components (detached, fp32)."""
+                 weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True,
+                 pack_lengths: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch and its components (detached, fp32). With
+    `pack_lengths` (the texts' lengths; `states` padded to their maximum) the layers run on
+    the texts packed into rows (redheart/model/packing.py)."""
     with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
                         cache_enabled=cache):
         if tech.rdrop_alpha > 0:
             # R-Drop: one forward over the doubled batch = two passes with independent dropout.
             b = states.shape[0]
-            out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded)
+            packing = plan(pack_lengths * 2, states.device) if pack_lengths else None
+            out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded, packing)
             out_a = {k: v[:b] for k, v in out.items()}
             out_b = {k: v[b:] for k, v in out.items()}
             la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
@@ -44,7 +48,7 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
             parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
             parts["rdrop"] = cons
         else:
-            out = model(states, keep, padded)
+            out = model(states, keep, padded, plan(pack_lengths, states.device) if pack_lengths else None)
             loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
             task = loss
     parts = {**parts, "task": task, "loss": loss}

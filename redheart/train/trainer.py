@@ -122,6 +122,13 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
                             and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
 
 
+def use_packing(cfg: Config) -> bool:
+    """Packing pays where a micro-batch holds many texts of different lengths; CUDA graphs
+    (small micro-batches) need fixed shapes and keep the padded layout."""
+    mode = cfg.train.packing
+    return mode == "on" or (mode == "auto" and cfg.train.micro_batch > 8)
+
+
 def detached_copy(tree: Any) -> Any:
     """`tree` (a state: dicts, lists, tensors) with every tensor copied to the CPU and every
     container new, so that nothing training changes afterwards reaches it."""
@@ -301,6 +308,9 @@ class Trainer:
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
                                             cfg.model.max_tokens)
+        self.packing = self.graphs is None and use_packing(cfg)
+        if self.packing:
+            log.info("sequence packing on: the texts of a micro-batch share rows (block-diagonal attention)")
         if cfg.train.compile:
             compile_blocks(self.model)
         self.history: list[dict[str, Any]] = []
@@ -383,7 +393,7 @@ class Trainer:
                 parts = self.graphs(states, keep, tgt, inv)
             else:
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype)
+                                           tech, weights, self.dtype, pack_lengths=lens if self.packing else None)
                 if n >= own:
                     (loss * 0.0).backward()
                     continue

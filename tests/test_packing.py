@@ -1,0 +1,109 @@
+"""Sequence packing (`train.packing`): texts end to end in rows with block-diagonal attention
+give the padded layout's outputs, gradients and trained weights, in fewer rows."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from helpers import newest_state, run, tiny_config
+from redheart.config import preset
+from redheart.model.network import RedHeartNet
+from redheart.model.packing import first_fit, plan
+from redheart.train.trainer import use_packing
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_first_fit_puts_every_text_in_one_row_within_the_width(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 12), rng.randint(200, 256)]) for _ in range(rng.randint(1, 70))]
+    rows = first_fit(lengths, max(lengths))
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= max(lengths) for r in rows)
+    assert rows == first_fit(lengths, max(lengths))  # a pure function of the lengths
+    if len(lengths) > 2 and max(lengths) >= 200 and sum(n < 13 for n in lengths) >= 2:
+        assert len(rows) < len(lengths)  # short texts share rows
+
+
+def test_nothing_to_pack_keeps_the_padded_layout():
+    assert plan([7, 7, 7], CPU) is None
+    assert plan([5], CPU) is None
+    assert plan([9, 5, 3], CPU).rows == 2  # 5 + 3 share a row of 9
+
+
+def _inputs(lengths: list[int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    x = torch.randn(len(lengths), max(lengths), dim, generator=torch.Generator().manual_seed(3))
+    return x * keep[..., None], keep
+
+
+def test_packed_outputs_and_gradients_equal_the_padded():
+    cfg = preset("tiny")
+    cfg.model.dropout = 0.0
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model)
+    lengths = [30, 5, 17, 30, 2, 11, 8, 25, 1, 3]
+    x, keep = _inputs(lengths, cfg.model.encoder_dim)
+    packing = plan(lengths, CPU)
+    assert packing.rows == 5 < len(lengths)
+    grads = []
+    outs = []
+    for p in (None, packing):
+        net.zero_grad()
+        out = net(x, keep, True, p)
+        sum((v.float() * torch.linspace(0.5, 2, v.numel()).view(v.shape)).sum() for v in out.values()).backward()
+        outs.append(out)
+        grads.append({n: q.grad.clone() for n, q in net.named_parameters()})
+    for k in outs[0]:
+        assert torch.allclose(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6), k
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+    with pytest.raises(ValueError, match="padded to 30 tokens, got 31"):
+        net(torch.nn.functional.pad(x, (0, 0, 0, 1)), torch.nn.functional.pad(keep, (0, 1)), True, packing)
+
+
+def _mixed_lengths_data(write_file) -> str:
+    """Texts of 4 to about 120 tokens, like the public corpus's comments beside its posts."""
+    rng = random.Random(0)
+    words = "I lent my car to a friend and he crashed it then said nothing for weeks".split()
+    recs = []
+    for i in range(80):
+        n = rng.choice([rng.randint(3, 8), rng.randint(60, 110)])
+        emo = [0.0] * 7
+        emo[i % 7] = 1.0
+        recs.append({"id": f"t{i}", "text": " ".join(rng.choice(words) for _ in range(n)), "emotion": emo,
+                     "bentham": [rng.random() for _ in range(10)], "regret": rng.random(),
+                     "surd": [0.25, 0.25, 0.25, 0.25]})
+    return str(write_file("mixed.jsonl", recs))
+
+
+def test_training_with_packing_ends_at_the_padded_runs_weights(tmp_path, write_file):
+    """Two epochs of the tiny preset in fp32 with micro-batches of 16 texts of very different
+    lengths, R-Drop's doubled batch included (dropout off so both runs compute the same
+    function): the weights agree to float rounding, and differ from it (0 would mean the
+    packed path never ran)."""
+    common = {"train.epochs": 2, "data.paths": [_mixed_lengths_data(write_file)], "crossover.enabled": False,
+              "model.dropout": 0.0, "train.micro_batch": 16, "train.grad_accum": 1}
+    states = {}
+    for mode in ("on", "off"):
+        assert run(tiny_config(tmp_path / mode, **common, **{"train.packing": mode}), analysis=False) == 0
+        states[mode] = newest_state(tmp_path / mode)
+    a, b = states["on"]["model_state"], states["off"]["model_state"]
+    diff = max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
+    assert 0 < diff < 1e-4, diff
+    for x, y in zip(states["on"]["history"], states["off"]["history"]):
+        assert abs(x["val"]["loss"] - y["val"]["loss"]) < 1e-5 * abs(x["val"]["loss"])
+
+
+def test_auto_packs_large_micro_batches_only():
+    cfg = preset("730m")
+    assert not use_packing(cfg)  # the guide's micro-batch 2: CUDA graphs, fixed shapes
+    cfg.train.micro_batch = 64
+    assert use_packing(cfg)
+    cfg.train.packing = "off"
+    assert not use_packing(cfg)
+    cfg.train.micro_batch, cfg.train.packing = 2, "on"
+    assert use_packing(cfg)
