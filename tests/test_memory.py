@@ -96,3 +96,20 @@ def test_memory_estimate_of_the_730m_preset_explains_the_8_gib_problem():
     assert est["total_gib"] > 8
     on_gpu_with_swap = est["weights_gib"] + est["gradients_gib"]
     assert on_gpu_with_swap < 6  # what stays on the GPU once the swap manager holds AdamW
+
+
+def test_a_run_under_the_swap_manager_stops_and_resumes_exactly(tmp_path):
+    """The swap manager's master weights live in CPU memory: a resume must refill them from
+    the restored weights (else the first step after the resume writes the initial weights
+    plus one update back into the model: the 730m curve on the H200 jumped back to its
+    step-0 loss)."""
+    base = dict(data__max_records=60, train__epochs=2, train__grad_accum=4, tech__rdrop_alpha=0.0,
+                memory__swap="on")
+    assert run(tiny_config(tmp_path / "a", **base), analysis=False) == 0
+    straight = newest_state(tmp_path / "a")
+    stop_at = straight["global_step"] // 2 + 1
+    assert run(tiny_config(tmp_path / "b", **base), analysis=False, faults={"stop_at_step": stop_at}) == 75
+    assert run(tiny_config(tmp_path / "b", **base), resume="latest", analysis=False) == 0
+    resumed = newest_state(tmp_path / "b")
+    assert same_tensors(straight["model_state"], resumed["model_state"]) == []
+    assert same_tensors(straight["ema"]["shadow"], resumed["ema"]["shadow"]) == []

@@ -48,6 +48,14 @@ class SwapAdamW(torch.optim.AdamW):
         self.cpu_of = {id(p): c for p, c in self._pairs}  # GPU parameter -> its CPU master copy
         self.stream = torch.cuda.Stream() if self.cuda else None
 
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Refill the CPU master weights from the model's, after its weights were loaded (a
+        resume, a warm start): the next update must start from them, not from the weights
+        the manager was built with."""
+        for gpu, cpu in self._pairs:
+            cpu.copy_(gpu.detach())
+
     @property
     def cpu_params(self) -> list[torch.Tensor]:
         return [c for _, c in self._pairs]

@@ -673,9 +673,11 @@ class Trainer:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load whole weights (every rank holds them; under FSDP each keeps its shards); the EMA
-        starts anew from them."""
+        starts anew from them, and the swap manager's CPU master weights follow them."""
         like = self.model.state_dict()
         self.model.load_state_dict({k: shard_like(v, like.get(k, v)) for k, v in weights.items()})
+        if isinstance(self.optimizer, SwapAdamW):
+            self.optimizer.sync_from_model()
         if self.ema is not None:
             self.ema.reset(self.model)
 
