@@ -28,6 +28,20 @@ def test_first_fit_puts_every_text_in_one_row_within_the_width(seed):
         assert len(rows) < len(lengths)  # short texts share rows
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_plan_maps_slots_to_distinct_positions_covering_every_token(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 12), rng.randint(40, 64)]) for _ in range(40)]
+    p = plan(lengths, CPU)
+    width = max(lengths)
+    index = p.index.tolist()
+    assert len(index) == p.rows * width == len(set(index))  # distinct: collision-free gathers
+    tokens = {i * width + t for i, n in enumerate(lengths) for t in range(n)}
+    assert tokens <= set(index) and all(0 <= x < len(lengths) * width for x in index)
+    x = torch.randn(len(lengths), width, 3)
+    assert torch.equal(p.unpack(p.pack(x)).view(-1, 3)[sorted(tokens)], x.view(-1, 3)[sorted(tokens)])
+
+
 def test_nothing_to_pack_keeps_the_padded_layout():
     assert plan([7, 7, 7], CPU) is None
     assert plan([5], CPU) is None
@@ -98,8 +112,10 @@ def test_training_with_packing_ends_at_the_padded_runs_weights(tmp_path, write_f
         assert abs(x["val"]["loss"] - y["val"]["loss"]) < 1e-5 * abs(x["val"]["loss"])
 
 
-def test_auto_packs_large_micro_batches_only():
+def test_auto_packs_large_micro_batches_only_and_the_default_is_off():
     cfg = preset("730m")
+    assert not use_packing(cfg)  # off by default
+    cfg.train.packing = "auto"
     assert not use_packing(cfg)  # the guide's micro-batch 2: CUDA graphs, fixed shapes
     cfg.train.micro_batch = 64
     assert use_packing(cfg)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from redheart.config import ModelConfig
 from redheart.model.lowp import Linear
-from redheart.model.packing import Packing
+from redheart.model.packing import Packing, pack, unpack
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
 
@@ -26,13 +26,19 @@ class SelfAttention(nn.Module):
         self.out = Linear(hidden, hidden)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, h = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        if index is not None:  # packed rows: attention runs in the padded layout (packing.py)
+            qkv = unpack(qkv, index, attn_mask.shape[0], attn_mask.shape[-1])
+        b, n, h = qkv.shape[0], qkv.shape[1], x.shape[-1]
+        q, k, v = qkv.view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(b, n, h))
+        ).transpose(1, 2).reshape(b, n, h)
+        if index is not None:
+            y = pack(y, index, x.shape[0], x.shape[1])
+        return self.out(y)
 
 
 class Block(nn.Module):
@@ -47,8 +53,9 @@ class Block(nn.Module):
         self.fc2 = Linear(ffn, hidden)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask, index))
         return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.ln2(x))))))
 
 
@@ -61,12 +68,13 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(Block(cfg.hidden, cfg.heads, ffn, cfg.dropout) for _ in range(n))
         self.checkpointing = cfg.activation_checkpointing
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, index, use_reentrant=False)
             else:
-                x = layer(x, attn_mask)
+                x = layer(x, attn_mask, index)
         return x
 
 
@@ -77,8 +85,9 @@ class Backbone(nn.Module):
         self.stack = Stack(cfg, cfg.layers)
         self.norm = nn.LayerNorm(cfg.hidden)
 
-    def forward(self, states: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.norm(self.stack(self.proj(states), attn_mask))
+    def forward(self, states: torch.Tensor, attn_mask: torch.Tensor | None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self.stack(self.proj(states), attn_mask, index))
 
 
 class Tower(nn.Module):
@@ -100,7 +109,7 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor,
                 packing: Packing | None = None) -> torch.Tensor:
-        x = self.norm(self.stack(x, attn_mask))
+        x = self.norm(self.stack(x, attn_mask, None if packing is None else packing.index))
         if packing is not None:
             x = packing.unpack(x)  # each text's tokens back in its own row for the pooling
         scores = self.pool(x).squeeze(-1).float().masked_fill(~keep, float("-inf"))
@@ -140,15 +149,14 @@ class RedHeartNet(nn.Module):
         self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None,
         packing: Packing | None = None,
     ) -> dict[str, torch.Tensor]:
+        # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
+        # padded (the collator knows that on the host, so no device sync is needed here).
+        if padded is None:
+            padded = not bool(keep.all())
+        attn_mask = keep[:, None, None, :] if padded or packing is not None else None
         if packing is not None:
-            states, attn_mask = packing.pack(states), packing.mask
-        else:
-            # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
-            # padded (the collator knows that on the host, so no device sync is needed here).
-            if padded is None:
-                padded = not bool(keep.all())
-            attn_mask = keep[:, None, None, :] if padded else None
-        x = self.backbone(states, attn_mask)
+            states = packing.pack(states)
+        x = self.backbone(states, attn_mask, None if packing is None else packing.index)
         return {
             "emotion": self.emotion(x, attn_mask, keep, packing),
             "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep, packing).float()),
