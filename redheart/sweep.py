@@ -75,12 +75,26 @@ def _sweep_steps(trainer: Trainer, n: int) -> list[list[int]]:
     return steps[:n]
 
 
+def _fresh_optimizer(trainer: Trainer, lr: float) -> torch.optim.Optimizer:
+    """A new AdamW at `lr` over the model's current weights. Under the swap manager it is the
+    trainer's own, emptied: a plain AdamW would put the moments on the GPU the manager exists
+    to spare, and a second manager would double the pinned host memory."""
+    if not trainer.swap:
+        return build_optimizer(trainer.model, trainer.cfg, lr, trainer.device)
+    opt = trainer.optimizer
+    opt.state.clear()
+    opt.sync_from_model()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return opt
+
+
 def _one_run(trainer: Trainer, lr: float, steps: list[list[int]], init: dict[str, torch.Tensor],
              rng: dict[str, Any]) -> dict[str, Any]:
     cfg = trainer.cfg
     trainer.model.load_state_dict(init)
     restore_rng(rng)
-    opt = build_optimizer(trainer.model, cfg, lr, trainer.device)
+    opt = _fresh_optimizer(trainer, lr)
     curve, at, train_losses = [], [], []
     for s, step in enumerate(steps, start=1):
         trainer.model.train()
@@ -121,6 +135,8 @@ def run_sweep(trainer: Trainer) -> dict[str, Any]:
             log.info("  refine lr %.2e: val loss %s", lr, " ".join(f"{v:.4f}" for v in p["curve"]))
         choice = select_lr(points, start_loss, sw.score_last)
     trainer.model.load_state_dict(init)
+    if trainer.swap:
+        _fresh_optimizer(trainer, cfg.train.lr)  # as built: no moments, master weights = init
     restore_rng(rng)
     chosen = choice["lr"] if choice["lr"] is not None else cfg.train.lr
     log.info("LR sweep chose %.2e: %s", chosen, choice["reason"])

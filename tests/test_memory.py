@@ -2,6 +2,7 @@
 recorded; the Dynamic Swap Manager computes exactly what the GPU optimizer computes."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,35 @@ def test_a_run_under_the_swap_manager_stops_and_resumes_exactly(tmp_path):
     resumed = newest_state(tmp_path / "b")
     assert same_tensors(straight["model_state"], resumed["model_state"]) == []
     assert same_tensors(straight["ema"]["shadow"], resumed["ema"]["shadow"]) == []
+
+
+def test_the_lr_sweep_under_the_swap_manager_equals_the_sweep_without(tmp_path):
+    """The sweep reuses the swap manager (emptied for each rate, master weights refilled):
+    every rate's curve, the choice and the trained weights equal the run without it."""
+    base = dict(data__max_records=60, train__epochs=1, train__grad_accum=4, tech__rdrop_alpha=0.0,
+                sweep__enabled=True, sweep__points=3, sweep__steps=4, sweep__eval_every=2)
+    for name, extra in (("a", {}), ("b", {"memory__swap": "on"})):
+        assert run(tiny_config(tmp_path / name, **base, **extra), analysis=False) == 0
+    a, b = newest_state(tmp_path / "a"), newest_state(tmp_path / "b")
+    pa, pb = (json.loads(Path(s["sweep"]["json"]).read_text())["points"] for s in (a, b))
+    curves = [p["curve"] for p in pa]
+    assert curves == [p["curve"] for p in pb] and len(curves) == 3
+    assert len({c[-1] for c in curves}) == 3  # three different runs
+    assert a["sweep"]["lr"] == b["sweep"]["lr"]
+    assert same_tensors(a["model_state"], b["model_state"]) == []
+    # ... and it is the swap manager that runs each rate, emptied, from the model's weights
+    from redheart.ckpt.state import RunPaths
+    from redheart.session import build_session
+    from redheart.sweep import _fresh_optimizer
+    from redheart.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "c", **base, memory__swap="on")
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(tmp_path / "c", "sweep"), session.data, session.features, session.device)
+    trainer.optimizer.state[trainer.optimizer.cpu_params[0]]["step"] = torch.tensor(5.0)
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    opt = _fresh_optimizer(trainer, 3e-4)
+    assert opt is trainer.optimizer and isinstance(opt, swap.SwapAdamW) and not opt.state
+    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
+    assert torch.equal(opt.cpu_params[0], next(trainer.model.parameters()).detach())
