@@ -47,7 +47,8 @@ def common_args(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--restart", action="store_true", help="start a new run even if an unfinished one is in --output-dir")
     p.add_argument("--samples", type=int, default=None, help=samples_help + " (also SAMPLES=N)")
     p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--batch-size", type=int, help="micro-batch size; the accumulation is recomputed to keep the effective batch")
+    p.add_argument("--batch-size", help="micro-batch size, or `auto` for the largest that fits (measured on a GPU); "
+                   "the accumulation is recomputed to keep the effective batch")
     p.add_argument("--max-records", type=int, help="use a stable slice of this many records")
     p.add_argument("--lr", type=float, help="peak learning rate (the LR sweep replaces it when it runs)")
     p.add_argument("--lr-sweep", dest="lr_sweep", action="store_true", default=None, help="run the LR sweep first")
@@ -146,15 +147,21 @@ def _make_config(args, mode: str, preset_name: str) -> Config:
         cfg.train.log_every = 1
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
-    if args.batch_size is not None:
-        if args.batch_size < 1:
+    if args.batch_size == "auto":
+        cfg.train.auto_micro_batch = True
+    elif args.batch_size is not None:
+        try:
+            size = int(args.batch_size)
+        except ValueError:
+            raise ConfigError(f"--batch-size: a whole number or auto (got {args.batch_size!r})") from None
+        if size < 1:
             raise ConfigError(f"--batch-size: must be >= 1 (got {args.batch_size})")
         eff = cfg.effective_batch
-        cfg.train.micro_batch = args.batch_size
-        cfg.train.grad_accum = max(1, math.ceil(eff / args.batch_size))
+        cfg.train.micro_batch = size
+        cfg.train.grad_accum = max(1, math.ceil(eff / size))
         if cfg.effective_batch != eff:
             log.warning("--batch-size %d does not divide the effective batch %d: it becomes %d",
-                        args.batch_size, eff, cfg.effective_batch)
+                        size, eff, cfg.effective_batch)
     if args.lr is not None:
         cfg.train.lr = args.lr
     if args.lr_sweep is not None:

@@ -77,6 +77,9 @@ class TrainConfig:
     eval_batch: int = 32  # samples per forward pass in validation (does not change any result)
     log_every: int = 10  # optimizer steps between progress lines (--verbose: every step)
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
+    # choose the largest micro-batch that fits (measured on a GPU, estimated on the CPU) and
+    # recompute the accumulation; `--batch-size auto` (redheart/train/autobatch.py)
+    auto_micro_batch: bool = False
     micro_batch_tokens: int = 0  # >0: micro-batches of similar length up to this many padded tokens (max micro_batch samples)
     compile: bool = False  # torch.compile each Transformer layer (GPU; pays at large micro-batches)
     cuda_graphs: str = "auto"  # replay forward+backward as CUDA graphs: auto (GPU, micro-batch <= 8) | on | off

@@ -17,7 +17,7 @@ from typing import Any
 
 from redheart.ckpt import io as ckio
 from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, set_aside, timestamp
-from redheart.config import HEADS, MODULES, Config
+from redheart.config import HEADS, MODULES, Config, ConfigError
 from redheart.runlog import Progress, duration, setup_logging
 from redheart.session import build_session
 from redheart.train import memory
@@ -341,11 +341,13 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
         if state is None and world.main:
             ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
         session = build_session(cfg)
+        probe = _micro_batch_probe(cfg, session, opts, world, paths, resuming=state is not None)
         from redheart.tb import TensorBoard
 
         tb = TensorBoard(paths.tensorboard) if world.main else None
         trainer = Trainer(cfg, paths, session.data, session.features, session.device, stop=stop,
                           faults=opts.faults, tensorboard=tb, world=world)
+        trainer.memory_probe = probe
         if world.main:
             log.info("\n%s", start_summary(cfg, paths, session, trainer))
         if state is not None:
@@ -412,6 +414,29 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
     return 0
 
 
+def _micro_batch_probe(cfg: Config, session, opts: RunOptions, world, paths: RunPaths,
+                       resuming: bool) -> dict[str, Any] | None:
+    """`--batch-size auto`: the largest micro-batch that fits, the accumulation recomputed, and
+    the config file rewritten with it (a resume then trains as this run did); train-local: the
+    same search for its closing summary. Before the trainer exists, so the GPU is still empty."""
+    auto = cfg.train.auto_micro_batch and not resuming
+    if not (auto or cfg.memory.monitor) or (world.active and not auto):
+        return None
+    if world.active:
+        raise ConfigError("--batch-size auto: one process only (each rank would measure alone); give "
+                          "--batch-size N with --gpus")
+    from redheart.train.autobatch import largest_micro_batch, with_micro_batch
+
+    probe = largest_micro_batch(cfg, session.features["train"], session.device, opts.faults)
+    if auto:
+        with_micro_batch(cfg, probe["micro_batch"])
+        cfg.train.auto_micro_batch = False
+        log.info("--batch-size auto: micro-batch %d x accumulation %d (%s)", cfg.train.micro_batch,
+                 cfg.train.grad_accum, probe["how"])
+        ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
+    return probe
+
+
 def _write_side_files(trainer: Trainer, paths: RunPaths) -> None:
     """The OOM and memory records; a failure to write them (a full disk) is logged, not fatal."""
     try:
@@ -435,6 +460,12 @@ def _side_files(trainer: Trainer, paths: RunPaths) -> None:
     if trainer.memory_samples:
         from redheart.plots import plot_memory
 
-        ckio.atomic_write_text(json.dumps({"run_id": paths.run_id, "samples": trainer.memory_samples}, indent=1) + "\n",
-                               paths.memory_file)
+        doc = {"run_id": paths.run_id, "samples": trainer.memory_samples}
+        probe = trainer.memory_probe
+        if probe is not None:
+            from redheart.train.autobatch import memory_summary
+
+            text, doc["summary"] = memory_summary(probe, trainer.memory_samples, trainer.cfg, trainer.device)
+            log.info("\n%s", text)
+        ckio.atomic_write_text(json.dumps(doc, indent=1) + "\n", paths.memory_file)
         plot_memory(trainer.memory_samples, paths.logs / f"memory_{paths.run_id}.png")

@@ -85,6 +85,7 @@ def cases(d: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
                         r"SAMPLES='abc': expected a whole number"),
         "SAMPLES=-2": (["train-local", "--preset", "tiny"], {"SAMPLES": "-2"}, r"--samples/SAMPLES: must be >= 1 \(got -2\)"),
         "--batch-size -1": ([*TRAIN, "--batch-size", "-1"], {}, r"--batch-size: must be >= 1 \(got -1\)"),
+        "--batch-size big": ([*TRAIN, "--batch-size", "big"], {}, r"--batch-size: a whole number or auto \(got 'big'\)"),
         "--epochs 0": ([*TRAIN, "--epochs", "0"], {}, r"train.epochs: must be >= 1 \(got 0\) \[from --epochs\]"),
         "--lr -1": ([*TRAIN, "--lr", "-1"], {}, r"train.lr: must be in \(0, 1\) \(got -1.0\) \[from --lr\]"),
         "--max-records -5": ([*TRAIN, "--max-records", "-5"], {},

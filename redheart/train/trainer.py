@@ -319,6 +319,7 @@ class Trainer:
         self.bad_steps_total = 0
         self.oom_events: list[dict[str, Any]] = []
         self.memory_samples: list[dict[str, float]] = []
+        self.memory_probe: dict[str, Any] | None = None  # the largest micro-batch search (train-local)
         self.sweep_result: dict[str, Any] | None = None
         self.pins: set[str] = set()
         self.finished = False
