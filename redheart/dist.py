@@ -98,6 +98,47 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
             p.grad.copy_(g)
 
 
+class FlatGrads:
+    """Every parameter's gradient as a view of one flat buffer (DDP's `gradient_as_bucket_view`):
+    the all-reduce runs in place on slices of it, without first packing each bucket of
+    gradients into a new tensor and copying the sums back (for the 730m preset that is 2.9 GB
+    written and read twice a step). The views persist: gradients are zeroed in place."""
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
+                                device=self.params[0].device)
+        self.views, at = [], 0
+        for p in self.params:
+            if p.dtype != self.flat.dtype:
+                raise ValueError(f"FlatGrads: parameters of one dtype only ({p.dtype} and {self.flat.dtype})")
+            self.views.append(self.flat[at:at + p.numel()].view_as(p))
+            p.grad = self.views[-1]
+            at += p.numel()
+        step = max(1, (bucket_bytes or BUCKET_BYTES) // self.flat.element_size())
+        self.buckets = [self.flat[s:s + step] for s in range(0, self.flat.numel(), step)]
+
+    @torch.no_grad()
+    def reattach(self) -> None:
+        """Point every `.grad` at its view again, keeping its value (something replaced it) or
+        zero (something cleared it)."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is view:
+                continue
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+            p.grad = view
+
+    def all_reduce(self, world: World) -> None:
+        """Sum the gradients across ranks, in place, bucket by bucket (all launched, then awaited)."""
+        self.reattach()
+        works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, async_op=True) for b in self.buckets]
+        for w in works:
+            w.wait()
+
+
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
 
 

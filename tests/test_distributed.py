@@ -164,3 +164,19 @@ def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_b
         worst_strided = max(worst_strided, max(strided) / (sum(strided) / world))
     assert worst_balanced < 1.2, worst_balanced
     assert worst_balanced < worst_strided - 0.05, (worst_balanced, worst_strided)
+
+
+def test_flat_gradients_are_views_of_one_buffer_and_survive_replacement():
+    from redheart.dist import FlatGrads
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    fg = FlatGrads(list(net.parameters()), bucket_bytes=40)
+    assert fg.flat.numel() == sum(p.numel() for p in net.parameters()) == 26
+    assert len(fg.buckets) == 3  # 10 + 10 + 6 floats
+    net(torch.randn(5, 3)).sum().backward()  # accumulates into the views
+    assert torch.equal(fg.flat[:12], net[0].weight.grad.reshape(-1)) and net[0].weight.grad is fg.views[0]
+    replaced = torch.full_like(net[1].weight, 7.0)
+    net[1].weight.grad, net[1].bias.grad = replaced, None
+    fg.reattach()
+    assert net[1].weight.grad is fg.views[2] and torch.equal(net[1].weight.grad, replaced)
+    assert net[1].bias.grad is fg.views[3] and not net[1].bias.grad.any()

@@ -32,7 +32,7 @@ from redheart.config import HEADS, Config
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import (LOSS_KEYS, World, all_objects, any_rank, broadcast, gather_rows, gathered,
+from redheart.dist import (LOSS_KEYS, FlatGrads, World, all_objects, any_rank, broadcast, gather_rows, gathered,
                            shard_like, shard_model, shard_optimizer_state, sum_gradients, sum_scalars,
                            unpack_scalars)
 from redheart.model.lowp import LowPrecisionCopies
@@ -304,6 +304,8 @@ class Trainer:
             log.info("bf16 weight copies on (%.2f GiB, cast once per optimizer step); weight gradients "
                      "summed in fp32 %s", self.lowp.nbytes / 2**30,
                      "by the matrix product (fused)" if self.lowp.fused else "after a bf16 product")
+        # several processes (DDP): gradients live in one flat buffer, all-reduced in place
+        self.flat_grads = FlatGrads(list(self.model.parameters())) if self.world.active and not self.fsdp else None
         self.graphs = None
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
@@ -439,7 +441,7 @@ class Trainer:
     def zero_grad(self) -> None:
         """Clear the gradients; in place while CUDA graphs or the bf16 copies' fused accumulation
         hold their buffers, else set to None."""
-        if self.graphs is not None or self.lowp is not None:
+        if self.graphs is not None or self.lowp is not None or self.flat_grads is not None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)
@@ -493,7 +495,9 @@ class Trainer:
         """
         summed = None
         if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
-            if not self.fsdp:
+            if self.flat_grads is not None:
+                self.flat_grads.all_reduce(self.world)
+            elif not self.fsdp:
                 sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
             summed = sum_scalars(parts, self.world, self.stop.requested)
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
