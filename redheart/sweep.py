@@ -18,7 +18,6 @@ import torch
 
 from redheart.ckpt.io import atomic_write_text
 from redheart.ckpt.state import capture_rng, restore_rng, timestamp
-from redheart.config import Config
 from redheart.data.dataset import epoch_plan
 from redheart.train.trainer import Trainer, build_optimizer, evaluate
 

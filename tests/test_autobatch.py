@@ -1,15 +1,13 @@
-"""`--batch-size auto` and train-local's summary: the largest micro-batch that fits, searched
-with real forward and backward passes (out-of-memory injected above a size on the CPU, as a
-smaller GPU would raise it), and applied with the accumulation recomputed."""
+"""`--batch-size auto`: the largest micro-batch that fits, searched with real forward and
+backward passes (out-of-memory injected above a size on the CPU, as a smaller GPU would raise
+it), and applied with the accumulation recomputed. (train-local's summary, from the same
+search, is tested with train-local in test_unified_cli.py.)"""
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 import yaml
 
-from helpers import cli, newest_state, run, same_tensors, tiny_config
+from helpers import newest_state, run, same_tensors, tiny_config
 from redheart.session import build_session
 from redheart.train.autobatch import candidates, largest_micro_batch
 
@@ -44,16 +42,3 @@ def test_batch_size_auto_trains_as_the_size_it_found(tmp_path):
     (config,) = (tmp_path / "auto" / "logs").glob("config_*.yaml")
     saved = yaml.safe_load(config.read_text())["train"]
     assert (saved["micro_batch"], saved["grad_accum"], saved["auto_micro_batch"]) == (4, 4, False)
-
-
-def test_train_local_ends_with_the_memory_summary(tmp_path):
-    out = tmp_path / "training"
-    proc = cli("train-local", "--output-dir", str(out), "--samples", "4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(next((out / "logs").glob("memory_*.json")).read_text())["summary"]
-    assert summary["used_gib"] > 0 and summary["how"] == ("measured" if torch.cuda.is_available() else "estimated")
-    assert summary["largest_micro_batch"] in candidates(16)
-    assert [p["preset"] for p in summary["presets"]] == ["tiny", "730m", "v1-800m", "v1-320m"]
-    assert summary["presets"][1]["need_gib"] > 8  # the 730m preset's AdamW training needs more than 8 GiB
-    log = next((out / "logs").glob("training_*.log")).read_text()
-    assert "largest micro-batch that fits" in log and "estimated need of each preset" in log

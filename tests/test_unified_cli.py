@@ -60,3 +60,11 @@ def test_train_local_trains_on_n_samples_and_records_memory(tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # a reading every optimizer step
     assert all(s["rss_gib"] > 0 for s in mem["samples"])
     assert next((out / "logs").glob("memory_*.png")).stat().st_size > 5_000
+    # ... ending with the largest micro-batch that fits and every preset's estimated need
+    summary = mem["summary"]
+    assert summary["used_gib"] > 0 and summary["how"] == ("measured" if torch.cuda.is_available() else "estimated")
+    assert summary["largest_micro_batch"] in (16, 8, 4, 2, 1)
+    assert [p["preset"] for p in summary["presets"]] == ["tiny", "730m", "v1-800m", "v1-320m"]
+    assert summary["presets"][1]["need_gib"] > 8  # the 730m preset's AdamW training needs more than 8 GiB
+    log = next((out / "logs").glob("training_*.log")).read_text()
+    assert "largest micro-batch that fits" in log and "estimated need of each preset" in log
