@@ -102,6 +102,9 @@ class TrainConfig:
     # fit one GPU; no CUDA graphs, train.compile or swap manager). Like --gpus, it comes from the
     # command line on --resume; checkpoints are the same plain files either way.
     parallel: str = "ddp"
+    # dtype in which DDP sums the gradients across GPUs: fp32 | bf16 (half the bytes on the
+    # wire; each rank's gradient and the sum rounded to bf16, as PyTorch DDP's bf16_compress_hook)
+    grad_reduce: str = "fp32"
 
 
 @dataclass
@@ -384,6 +387,7 @@ def _validate(cfg: Config) -> None:
     _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
     _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
     _check(t.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", t.packing)
+    _check(t.grad_reduce in ("fp32", "bf16"), "train.grad_reduce", "fp32 or bf16", t.grad_reduce)
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
@@ -399,6 +403,8 @@ def _validate(cfg: Config) -> None:
                "(FSDP shards the optimizer state instead)", cfg.memory.swap)
         _check(cfg.tech.ema_device == "same", "tech.ema_device", "same with train.parallel=fsdp "
                "(the average is sharded like the weights)", cfg.tech.ema_device)
+        _check(t.grad_reduce == "fp32", "train.grad_reduce", "fp32 with train.parallel=fsdp "
+               "(FSDP reduce-scatters the gradients itself)", t.grad_reduce)
     _check(0 <= x.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", x.label_smoothing)
     _check(x.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", x.rdrop_alpha)
     _check(0 <= x.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", x.ema_decay)

@@ -116,7 +116,9 @@ class FlatGrads:
             p.grad = self.views[-1]
             at += p.numel()
         step = max(1, (bucket_bytes or BUCKET_BYTES) // self.flat.element_size())
-        self.buckets = [self.flat[s:s + step] for s in range(0, self.flat.numel(), step)]
+        self._starts = list(range(0, self.flat.numel(), step))
+        self.buckets = [self.flat[s:s + step] for s in self._starts]
+        self._low: torch.Tensor | None = None  # the bf16 buffer of a bf16 all-reduce, made on first use
 
     @torch.no_grad()
     def reattach(self) -> None:
@@ -131,12 +133,26 @@ class FlatGrads:
                 view.copy_(p.grad)
             p.grad = view
 
-    def all_reduce(self, world: World) -> None:
-        """Sum the gradients across ranks, in place, bucket by bucket (all launched, then awaited)."""
+    def all_reduce(self, world: World, dtype: torch.dtype | None = None) -> None:
+        """Sum the gradients across ranks, in place, bucket by bucket (all launched, then
+        awaited). With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each
+        rank's gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`)."""
         self.reattach()
-        works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, async_op=True) for b in self.buckets]
-        for w in works:
+        if dtype is None or dtype == self.flat.dtype:
+            works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, async_op=True) for b in self.buckets]
+            for w in works:
+                w.wait()
+            return
+        if self._low is None or self._low.dtype != dtype:
+            self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
+        lows = [self._low[s:s + b.numel()] for s, b in zip(self._starts, self.buckets)]
+        works = []
+        for low, b in zip(lows, self.buckets):
+            low.copy_(b)
+            works.append(dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True))
+        for w, low, b in zip(works, lows, self.buckets):
             w.wait()
+            b.copy_(low)
 
 
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")

@@ -180,3 +180,26 @@ def test_flat_gradients_are_views_of_one_buffer_and_survive_replacement():
     fg.reattach()
     assert net[1].weight.grad is fg.views[2] and torch.equal(net[1].weight.grad, replaced)
     assert net[1].bias.grad is fg.views[3] and not net[1].bias.grad.any()
+
+
+def test_a_bf16_all_reduce_sends_bf16_rounded_gradients_and_keeps_the_views(tmp_path):
+    """`train.grad_reduce=bf16` (one gloo process: the sum is the rank's own gradient, so what
+    comes back is exactly its bf16 rounding, written into the same fp32 views)."""
+    import torch.distributed as dist
+
+    from redheart.dist import FlatGrads
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = torch.nn.Linear(7, 5)
+        fg = FlatGrads(list(net.parameters()), bucket_bytes=64)
+        net(torch.randn(3, 7)).pow(2).sum().backward()
+        before = fg.flat.clone()
+        fg.all_reduce(None, torch.bfloat16)
+        assert torch.equal(fg.flat, before.to(torch.bfloat16).float()) and not torch.equal(fg.flat, before)
+        assert net.weight.grad is fg.views[0] and fg._low.dtype == torch.bfloat16
+        fg.flat.copy_(before)
+        fg.all_reduce(None)  # fp32: untouched
+        assert torch.equal(fg.flat, before)
+    finally:
+        dist.destroy_process_group()

@@ -496,7 +496,7 @@ class Trainer:
         summed = None
         if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
             if self.flat_grads is not None:
-                self.flat_grads.all_reduce(self.world)
+                self.flat_grads.all_reduce(self.world, torch.bfloat16 if self.cfg.train.grad_reduce == "bf16" else None)
             elif not self.fsdp:
                 sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
             summed = sum_scalars(parts, self.world, self.stop.requested)
