@@ -1,11 +1,11 @@
 """The largest micro-batch that fits this machine: for `--batch-size auto` and train-local's summary.
 
 On a GPU it is measured: for each candidate (the divisors of the effective batch, largest
-first) one real forward and backward of the longest training texts, with the memory the run
-will add later (the AdamW moments, created at the first step) held in reserve, exactly as the
-run will train (precision, R-Drop, activation checkpointing, swap manager). A candidate fits
-when nothing runs out of memory and the peak stays within 90% of the GPU, leaving room for
-fragmentation. This is how PyTorch Lightning's batch-size finder and Accelerate's
+first) one real forward and backward of the longest training texts, as the run will train
+(precision, R-Drop, activation checkpointing, swap manager), with the memory the run adds
+later held in reserve (the AdamW moments made at the first step, the EMA, the bf16 weight
+copies). A candidate fits when nothing runs out of memory and the peak stays within 90% of
+the GPU, leaving room for fragmentation. This is how PyTorch Lightning's batch-size finder and Accelerate's
 `find_executable_batch_size` work too: try, catch the out-of-memory error, go smaller.
 
 On the CPU no out-of-memory error can be caught (the kernel kills the process), so the
@@ -72,7 +72,7 @@ def _estimate(cfg: Config) -> dict[str, Any]:
 
 def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: dict[str, Any]) -> dict[str, Any]:
     from redheart.model.network import RedHeartNet, Stack
-    from redheart.train.trainer import amp_dtype, memory_cap_gib, plan_memory
+    from redheart.train.trainer import amp_dtype, memory_cap_gib, plan_memory, use_bf16_weights
 
     cuda = device.type == "cuda"
     cap = memory_cap_gib(device)
@@ -83,8 +83,11 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
     for m in model.modules():
         if isinstance(m, Stack):
             m.checkpointing = checkpointing
-    reserve = 0 if swap else 8 * params  # the AdamW moments the first optimizer step creates
     dtype = amp_dtype(cfg, device)
+    # what the run adds on the GPU after this search: the AdamW moments (at the first step) and
+    # the EMA, unless the swap manager keeps them in CPU memory, and the bf16 weight copies
+    keep_on_gpu = not swap and cfg.tech.ema_decay > 0 and cfg.tech.ema_device == "same"
+    reserve = (0 if swap else 8 * params) + (4 * params if keep_on_gpu else 0)
     lengths = source.data.lengths
     longest = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     tried: list[dict[str, Any]] = []
@@ -99,7 +102,8 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
                                              f"{faults['oom_above_micro_batch']})")
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            ballast = torch.empty(reserve, dtype=torch.uint8, device=device)
+            copies = 2 * params if use_bf16_weights(with_micro_batch(copy.deepcopy(cfg), m), device, dtype, swap) else 0
+            ballast = torch.empty(reserve + copies, dtype=torch.uint8, device=device)
             states, batch = source(idx)
             keep = batch.keep.to(device)
             tgt = {k: v.to(device) for k, v in batch.targets.items()}
@@ -161,7 +165,7 @@ def memory_summary(probe: dict[str, Any], samples: list[dict[str, float]], cfg: 
     where = (f"{torch.cuda.get_device_name(device)}, {capacity:.1f} GiB" if on_gpu
              else f"CPU, {capacity:.1f} GiB of memory this process may use")
     m = probe["micro_batch"]
-    how = ("measured: a forward and backward of the longest training texts, AdamW state held in reserve"
+    how = ("measured: a forward and backward of the longest training texts, optimizer state held in reserve"
            if probe["how"] == "measured" else "estimated from the memory model")
     needs = preset_needs(capacity, on_gpu)
     lines = [f"memory on this machine ({where}):",
