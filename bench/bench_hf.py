@@ -2,13 +2,14 @@
 
     python bench/bench_hf.py --data SPEC ... --records 2400 --variant guide:2,32 --variant fast:64,1
 
-Each variant is `name:micro_batch,grad_accum[,group]`; `group` turns on the Trainer's
-`group_by_length` (batches of similar length, so less padding, at the cost of batches that are
-no longer random: on this corpus long posts and short comments would each fill their own
-batches). The model is RedHeartNet (730m preset), the
-inputs the frozen encoder's cached token states (as in our trainer), the loss the plain
-multi-task loss (R-Drop off: the reference's work), bf16, fused AdamW, clipping 1.0, cosine
-schedule. Throughput is timed from optimizer step `--warmup` on with CUDA synchronisation.
+Each variant is `name:micro_batch,grad_accum[,group]`. The Trainer reads the same optimizer
+steps and micro-batches as `bench_train.py` (the same work, token for token); `group` instead
+lets it choose with its `group_by_length` sampler (batches of similar length, so less padding,
+at the cost of batches that are no longer random: on this corpus long posts and short comments
+would each fill their own). The model is RedHeartNet (730m preset), the inputs the frozen
+encoder's cached token states (as in our trainer), the loss the plain multi-task loss (R-Drop
+off: the reference's work), bf16, fused AdamW, clipping 1.0, cosine schedule. Throughput is
+timed from optimizer step `--warmup` on with CUDA synchronisation.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redheart.config import HEADS, preset  # noqa: E402
+from redheart.data.dataset import epoch_plan, micro_batches  # noqa: E402
 from redheart.model.network import RedHeartNet  # noqa: E402
 from redheart.session import build_session  # noqa: E402
 from redheart.train.losses import task_loss  # noqa: E402
@@ -60,7 +62,14 @@ class Collate:
 
 
 def main() -> int:
+    from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class InOrder(Trainer):
+        """The Trainer reading the dataset in order (the sampler's hook exists in 4.x and 5.x)."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
 
     p = argparse.ArgumentParser()
     p.add_argument("--data", action="append", required=True)
@@ -94,7 +103,11 @@ def main() -> int:
                 sync()
                 times.append(time.perf_counter())
 
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+        # The same optimizer steps and micro-batches as bench_train.py's (epoch 1 of the trainer's
+        # plan, each step cut longest first), read in order: the same work token for token.
+        # With `group`, the Trainer's own length-grouped sampler chooses instead.
+        plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, 0)
+        order = [i for step in plan for part in micro_batches(step, lengths, mb) for i in part]
         # items carry a dummy `input_ids` of the text's length: what group_by_length measures
         dataset = [{"idx": i, "input_ids": [0] * int(lengths[i])} for i in order]
         params = inspect.signature(TrainingArguments).parameters  # the option's name changed in 5.x
@@ -107,16 +120,20 @@ def main() -> int:
             optim="adamw_torch_fused" if cuda else "adamw_torch",
             logging_steps=10_000, save_strategy="no", report_to="none", remove_unused_columns=False,
             dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=0)
-        trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=Collate(source),
-                          callbacks=[Clock()])
+        kind = Trainer if group else InOrder
+        trainer = kind(model=model, args=targs, train_dataset=dataset, data_collator=Collate(source),
+                       callbacks=[Clock()])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         seconds = times[-1] - times[args.warmup - 1]
         samples = args.steps * mb * accum
-        toks = float(lengths.float().mean()) * samples
+        timed = order[args.warmup * mb * accum:(args.warmup + args.steps) * mb * accum]
+        toks = (float(lengths.float().mean()) * samples if group or len(timed) < samples
+                else float(sum(int(lengths[i]) for i in timed)))
         r = {"name": name, "micro_batch": mb, "grad_accum": accum, "group_by_length": group, "samples_per_s": samples / seconds,
-             "tokens_per_s_est": toks / seconds, "step_s": seconds / args.steps,
+             "tokens_per_s": toks / seconds, "tokens_exact": not group and len(timed) == samples,
+             "step_s": seconds / args.steps,
              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
         results.append(r)
         print(f"HF Trainer {name} (mb {mb} x {accum}): {r['samples_per_s']:.1f} samples/s, step {r['step_s']:.2f}s, "
