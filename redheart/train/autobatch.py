@@ -94,41 +94,31 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
     chosen = None
     for m in candidates(cfg.effective_batch):
         idx = [longest[i % len(longest)] for i in range(m)]  # the longest texts, repeated if too few
+        copies = 2 * params if use_bf16_weights(with_micro_batch(copy.deepcopy(cfg), m), device, dtype, swap) else 0
         entry: dict[str, Any] = {"micro_batch": m}
-        ballast = None
         try:
             if m > faults.get("oom_above_micro_batch", float("inf")):
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected by a test above micro-batch "
                                              f"{faults['oom_above_micro_batch']})")
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            copies = 2 * params if use_bf16_weights(with_micro_batch(copy.deepcopy(cfg), m), device, dtype, swap) else 0
-            ballast = torch.empty(reserve + copies, dtype=torch.uint8, device=device)
-            states, batch = source(idx)
-            keep = batch.keep.to(device)
-            tgt = {k: v.to(device) for k, v in batch.targets.items()}
-            lens = [int(lengths[i]) for i in idx]
-            loss, _ = forward_loss(model, states, keep, min(lens) != max(lens), tgt, source.data.head_counts(idx),
-                                   cfg.tech, cfg.train.head_weights, dtype)
-            loss.backward()
-            del loss, states, keep, tgt
-            if cuda:
-                torch.cuda.synchronize(device)
-                entry["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
-            entry["fits"] = cap is None or entry.get("peak_gib", 0.0) <= 0.9 * cap
-        except torch.OutOfMemoryError:
+            peak = _one_pass(model, source, idx, cfg, dtype, reserve + copies)
+            if peak is not None:
+                entry["peak_gib"] = round(peak, 3)
+            entry["fits"] = cap is None or peak is None or peak <= 0.9 * cap
+        except torch.OutOfMemoryError:  # the failed pass's tensors went with its frame
             entry["fits"] = False
             entry["out_of_memory"] = True
         finally:
-            del ballast
             model.zero_grad(set_to_none=True)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
         tried.append(entry)
-        log.info("micro-batch %d: %s", m, "fits" + (f" (peak {entry['peak_gib']:.1f} GiB)" if "peak_gib" in entry else "")
-                 if entry["fits"] else "does not fit" + (" (out of memory)" if entry.get("out_of_memory") else
-                                                         f" (peak {entry['peak_gib']:.1f} of {cap:.1f} GiB)"))
+        if entry["fits"]:
+            note = f"fits (peak {entry['peak_gib']:.1f} GiB)" if "peak_gib" in entry else "fits"
+        else:
+            note = "does not fit (out of memory)" if entry.get("out_of_memory") else \
+                f"does not fit (peak {entry['peak_gib']:.1f} of {cap:.1f} GiB)"
+        log.info("micro-batch %d: %s", m, note)
         if entry["fits"]:
             chosen = m
             break
@@ -137,6 +127,29 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
     if cuda:
         torch.cuda.empty_cache()
     return {"micro_batch": chosen or 1, "how": "measured", "tried": tried, "capacity_gib": cap}
+
+
+def _one_pass(model: torch.nn.Module, source: FeatureSource, idx: list[int], cfg: Config,
+              dtype: torch.dtype | None, reserve: int) -> float | None:
+    """One forward and backward of the samples `idx` with `reserve` bytes held aside; the peak
+    GPU memory in GiB (None on the CPU). Its tensors live in this frame only, so an
+    out-of-memory error frees them as it leaves."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    ballast = torch.empty(reserve, dtype=torch.uint8, device=device)  # noqa: F841 (held, not read)
+    states, batch = source(idx)
+    keep = batch.keep.to(device)
+    tgt = {k: v.to(device) for k, v in batch.targets.items()}
+    lens = [int(source.data.lengths[i]) for i in idx]
+    loss, _ = forward_loss(model, states, keep, min(lens) != max(lens), tgt, source.data.head_counts(idx),
+                           cfg.tech, cfg.train.head_weights, dtype)
+    loss.backward()
+    if not cuda:
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / GIB
 
 
 def preset_needs(capacity_gib: float | None, on_gpu: bool) -> list[dict[str, Any]]:
