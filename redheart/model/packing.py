@@ -5,9 +5,10 @@ Scruples posts beside 20-token GoEmotions comments) half the tokens of a random 
 64 are padding, and every layer computes them. Packed, the texts fill rows as wide as the
 longest text, first fit by decreasing length, and the token-wise work (the projections, the
 MLPs, the norms: nearly all the FLOPs) runs on the rows. Attention alone goes back to the
-padded layout for its few kernels (`unpack`, the usual key-padding mask, `pack`): a
-block-diagonal mask over packed rows sends SDPA to slow kernels (245.6 against 338.3 samples/s
-padded on an H200, micro-batch 64, eager), and variable-length flash attention has no dropout.
+padded layout for its few kernels (`unpack`, the usual key-padding mask, `pack`): attention
+over packed rows with a block-diagonal mask ran slower than padding on an H200 (245.6 against
+338.3 samples/s, micro-batch 64, eager; not profiled, the dense mask the likely cause), and
+variable-length flash attention has no dropout.
 The network has no position embeddings (positions live in the frozen encoder's states), so
 packed and padded passes agree to float rounding, and the texts of a step still mix in any
 proportion (grouping steps by length would group them by source corpus here).
