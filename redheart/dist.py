@@ -4,9 +4,10 @@ Data parallel in the style of DDP: every rank holds the whole model and optimize
 share of each optimizer step's samples, and the gradients are summed across ranks before the
 update. The sum (not DDP's mean) is what the losses need: each rank's loss is already
 normalised by the labelled counts of the *whole* step, so the summed gradient equals the
-single-process one, whatever the number of ranks. The all-reduce runs in ~100 MB buckets,
-each launched as soon as it is flattened; every rank calls it once a step even with no
-samples of its own (short last step), so no rank can wait on another forever.
+single-process one, whatever the number of ranks. The gradients live in one flat buffer
+(`FlatGrads`) and are all-reduced in place in ~100 MB buckets, all launched before any is
+awaited; every rank calls it once a step even with no samples of its own (short last step),
+so no rank can wait on another forever.
 
 With `train.parallel=fsdp` PyTorch's FSDP2 shards instead: each rank keeps 1/N of every
 weight, gradient and AdamW moment (DTensors), gathers a layer's weights for its forward and
@@ -72,32 +73,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """All-reduce (sum) every parameter's gradient across ranks, in flat buckets."""
-    if not world.active:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets, current, size = [], [], 0
-    for p in params:
-        current.append(p)
-        size += p.numel() * p.grad.element_size()
-        if size >= BUCKET_BYTES:
-            buckets.append(current)
-            current, size = [], 0
-    if current:
-        buckets.append(current)
-    pending = []
-    for bucket in buckets:
-        flat = torch._utils._flatten_dense_tensors([p.grad for p in bucket])
-        pending.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
-    for bucket, flat, work in pending:
-        work.wait()
-        for p, g in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in bucket])):
-            p.grad.copy_(g)
-
-
 class FlatGrads:
     """Every parameter's gradient as a view of one flat buffer (DDP's `gradient_as_bucket_view`):
     the all-reduce runs in place on slices of it, without first packing each bucket of
@@ -138,21 +113,16 @@ class FlatGrads:
         awaited). With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each
         rank's gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`)."""
         self.reattach()
-        if dtype is None or dtype == self.flat.dtype:
-            works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, async_op=True) for b in self.buckets]
-            for w in works:
-                w.wait()
-            return
-        if self._low is None or self._low.dtype != dtype:
-            self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
-        lows = [self._low[s:s + b.numel()] for s, b in zip(self._starts, self.buckets)]
-        works = []
-        for low, b in zip(lows, self.buckets):
-            low.copy_(b)
-            works.append(dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True))
+        lows = self.buckets
+        if dtype is not None and dtype != self.flat.dtype:
+            if self._low is None or self._low.dtype != dtype:
+                self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
+            lows = [self._low[s:s + b.numel()].copy_(b) for s, b in zip(self._starts, self.buckets)]
+        works = [dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True) for low in lows]
         for w, low, b in zip(works, lows, self.buckets):
             w.wait()
-            b.copy_(low)
+            if low is not b:
+                b.copy_(low)
 
 
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")

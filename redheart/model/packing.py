@@ -82,20 +82,23 @@ def plan(lengths: list[int], device: torch.device) -> Packing | None:
     rows = first_fit(lengths, width)
     if len(rows) == len(lengths):
         return None
-    n_rows, n = len(rows), len(lengths)
+    n_rows, lens = len(rows), np.asarray(lengths)
     index = np.empty(n_rows * width, dtype=np.int64)
-    pad = iter([i * width + t for i in range(n) for t in range(lengths[i], width)])  # padding positions
+    filled = np.zeros(n_rows * width, dtype=bool)
     for r, texts in enumerate(rows):
         at = r * width
         for i in texts:
-            index[at:at + lengths[i]] = np.arange(i * width, i * width + lengths[i])
-            at += lengths[i]
-        for slot in range(at, (r + 1) * width):  # a row's free slots: distinct padding positions
-            index[slot] = next(pad)
+            index[at:at + lens[i]] = np.arange(i * width, i * width + lens[i])
+            at += lens[i]
+        filled[r * width:at] = True
+    # a row's free slots, in order, take distinct padding positions of the padded layout
+    padding = np.flatnonzero(np.arange(width)[None, :] >= lens[:, None])
+    free = np.flatnonzero(~filled)
+    index[free] = padding[:free.size]
     flat = torch.from_numpy(index)
     if device.type == "cuda":  # one host-to-device copy, not waited for
         flat = flat.pin_memory().to(device, non_blocking=True)
-    return Packing(flat, n, n_rows, width)
+    return Packing(flat, len(lengths), n_rows, width)
 
 
 def padded_fraction(lengths: list[int]) -> tuple[int, int, int]:

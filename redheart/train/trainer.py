@@ -33,7 +33,7 @@ from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
 from redheart.dist import (LOSS_KEYS, FlatGrads, World, all_objects, any_rank, broadcast, gather_rows, gathered,
-                           shard_like, shard_model, shard_optimizer_state, sum_gradients, sum_scalars,
+                           shard_like, shard_model, shard_optimizer_state, sum_scalars,
                            unpack_scalars)
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
@@ -495,10 +495,8 @@ class Trainer:
         """
         summed = None
         if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
-            if self.flat_grads is not None:
+            if self.flat_grads is not None:  # DDP (FSDP has reduce-scattered them in the backward)
                 self.flat_grads.all_reduce(self.world, torch.bfloat16 if self.cfg.train.grad_reduce == "bf16" else None)
-            elif not self.fsdp:
-                sum_gradients([p for p in self.model.parameters() if p.requires_grad], self.world)
             summed = sum_scalars(parts, self.world, self.stop.requested)
         idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
