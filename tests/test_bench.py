@@ -43,3 +43,25 @@ def test_a_curve_saved_and_continued_equals_the_uninterrupted_curve(tmp_path, ca
     assert len(set(whole)) > 1
     doc = json.loads((tmp_path / "part2.json").read_text())
     assert doc["results"][0]["losses"] == whole  # the second call reports the whole curve
+
+
+def test_compare_curves_prints_per_range_and_window_differences(tmp_path, capsys):
+    """The #5 yardstick table: differences computed against the second curve of each pair."""
+    spec = importlib.util.spec_from_file_location("compare_curves", ROOT / "bench" / "compare_curves.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    path = tmp_path / "c.jsonl"
+    ref = [2.0, 2.0, 1.0, 1.0]
+    other = [2.0, 2.2, 1.0, 0.5]  # +10% at step 1, -50% at step 3
+    path.write_text("".join(json.dumps({"variant": v, "step": i, "loss": x}) + "\n"
+                            for v, xs in (("a", ref), ("b", other)) for i, x in enumerate(xs)))
+    assert compare.main([str(path), "--pair", "b:a", "--ranges", "0,2,4", "--window", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| b vs a | 1.0e-01 / 5.0e-02 | 5.0e-01 / 2.5e-01 |" in out
+    assert "| b vs a | +5.0e-02 | -2.5e-01 |" in out  # window means 2.1 vs 2.0, 0.75 vs 1.0
+    try:
+        compare.main([str(path), "--pair", "b:zz"])
+    except SystemExit as exc:
+        assert "no curve 'zz'" in str(exc)
+    else:
+        raise AssertionError("an unknown curve name must be an error")

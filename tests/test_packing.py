@@ -1,4 +1,4 @@
-"""Sequence packing (`train.packing`): texts end to end in rows with block-diagonal attention
+"""Sequence packing (`train.packing`): texts end to end in rows (attention in the padded layout)
 give the padded layout's outputs, gradients and trained weights, in fewer rows."""
 from __future__ import annotations
 
@@ -112,10 +112,9 @@ def test_training_with_packing_ends_at_the_padded_runs_weights(tmp_path, write_f
         assert abs(x["val"]["loss"] - y["val"]["loss"]) < 1e-5 * abs(x["val"]["loss"])
 
 
-def test_auto_packs_large_micro_batches_only_and_the_default_is_off():
+def test_auto_the_default_packs_large_micro_batches_only():
     cfg = preset("730m")
-    assert not use_packing(cfg)  # off by default
-    cfg.train.packing = "auto"
+    assert cfg.train.packing == "auto"
     assert not use_packing(cfg)  # the guide's micro-batch 2: CUDA graphs, fixed shapes
     cfg.train.micro_batch = 64
     assert use_packing(cfg)

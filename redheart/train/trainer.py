@@ -312,7 +312,7 @@ class Trainer:
                                             cfg.model.max_tokens)
         self.packing = self.graphs is None and use_packing(cfg)
         if self.packing:
-            log.info("sequence packing on: the texts of a micro-batch share rows (block-diagonal attention)")
+            log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers")
         if cfg.train.compile:
             compile_blocks(self.model)
         self.history: list[dict[str, Any]] = []
