@@ -19,15 +19,29 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_map_only
 
 BUCKET_BYTES = 100 * 2**20
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (an FSDP shard). torch.distributed.tensor is imported only where
+    FSDP is used (it adds about a second to every start); where nothing imported it, no DTensor
+    can exist."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    """Whether `module` is sharded by FSDP2 (`fully_shard`); see `is_dtensor`."""
+    mod = sys.modules.get("torch.distributed.fsdp")
+    return mod is not None and isinstance(module, mod.FSDPModule)
 
 
 @dataclass
@@ -218,6 +232,10 @@ def gathered(tree, world: World):
     """`tree` (a state dict: nested dicts and lists) with every DTensor, an FSDP shard, made
     whole on the CPU. Every rank must call it (each DTensor is all-gathered, in the same order
     on all ranks); rank 0 alone keeps the tensors, the others get None in their place."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return tree  # no FSDP in this process: nothing is sharded
+    from torch.distributed.tensor import DTensor
+
     def whole(t: DTensor) -> torch.Tensor | None:
         full = t.full_tensor()
         return full.cpu() if world.main else None
@@ -228,7 +246,9 @@ def gathered(tree, world: World):
 def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor `t` cut like `like` when that is an FSDP shard of the same shape
     (every rank holds `t`; a collective), else `t` as it is (AdamW's step count, no FSDP)."""
-    if isinstance(like, DTensor) and t.shape == like.shape:
+    if is_dtensor(like) and t.shape == like.shape:
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(t.to(like.device), like.device_mesh, like.placements)
     return t
 

@@ -19,7 +19,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from redheart.config import MODULES, Config
 from redheart.train.metrics import MODULE_METRIC
@@ -75,6 +74,8 @@ def find_sweet_spot(epochs: list[int], values: list[float], candidates: set[int]
     still_improving = False
     tail = y[len(y) // 2:]
     if len(tail) >= 4:
+        from scipy import stats  # here, not at import: scipy.stats adds about a second to every start
+
         tau, p = stats.kendalltau(np.arange(len(tail)), tail)
         still_improving = bool(tau < 0 and p < trend_alpha)
     # The plateau rule assumes later epochs bring nothing measurable; a significant downward

@@ -61,7 +61,6 @@ class _LowpLinear(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-@torch.compiler.disable  # its backward writes `.grad` in place: kept out of compiled regions
 def _linear(x, w16, b16, weight, bias, fused):
     return _LowpLinear.apply(x, w16, b16, weight, bias, fused)
 
@@ -85,6 +84,12 @@ class LowPrecisionCopies:
     """The copies of every trainable `Linear` of a model; `refresh()` once per optimizer step."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
+        global _linear
+        if not hasattr(_linear, "_torchdynamo_disable"):
+            # its backward writes `.grad` in place: kept out of compiled regions. Marked here, where
+            # the copies come into use, not at import: torch.compiler.disable imports torch._dynamo
+            # (about a second at every start).
+            _linear = torch.compiler.disable(_linear)
         self.layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad]
         device = self.layers[0].weight.device
         fused = fused_wgrad_available(device, dtype)

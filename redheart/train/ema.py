@@ -14,14 +14,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from redheart.dist import shard_like
+from redheart.dist import is_dtensor, shard_like
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
     """`t` on the CPU; an FSDP shard (DTensor) as it is, to be gathered whole by the caller."""
-    return t.detach() if isinstance(t, DTensor) else t.detach().cpu()
+    return t.detach() if is_dtensor(t) else t.detach().cpu()
 
 
 class EMA:

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from torch.utils._pytree import tree_map_only
-from torch.distributed.tensor import DTensor
 
 from redheart.ckpt import io as ckio
 from redheart.ckpt.retention import select_deletions
@@ -33,7 +31,7 @@ from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
 from redheart.dist import (LOSS_KEYS, FlatGrads, World, all_objects, any_rank, broadcast, gather_rows, gathered,
-                           shard_like, shard_model, shard_optimizer_state, sum_scalars,
+                           is_dtensor, is_fsdp, shard_like, shard_model, shard_optimizer_state, sum_scalars,
                            unpack_scalars)
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
@@ -174,7 +172,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torc
     if swap:
         return SwapAdamW(model, groups, lr=lr, betas=tuple(cfg.train.betas))
     # fused kernels on the GPU, and on the CPU for plain tensors (FSDP's DTensors: the default)
-    fused = device.type == "cuda" or not any(isinstance(p, DTensor) for p in decay + no_decay)
+    fused = device.type == "cuda" or not any(is_dtensor(p) for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.train.betas), fused=fused)
 
 
@@ -226,7 +224,7 @@ def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int
     model.eval()
     n = len(source.data)
     order = sorted(range(n), key=lambda i: (-int(source.data.lengths[i]), i))[world.rank::world.size]
-    fsdp = isinstance(model, FSDPModule)
+    fsdp = is_fsdp(model)
     outs: dict[str, list[torch.Tensor]] = {}
     for s in range(0, -(-n // world.size) if fsdp else len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -505,7 +503,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if isinstance(norm, DTensor):  # under FSDP: the norm over all ranks' shards
+        if is_dtensor(norm):  # under FSDP: the norm over all ranks' shards
             norm = norm.full_tensor()
         loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
         ok = torch.isfinite(norm) & torch.isfinite(loss)
