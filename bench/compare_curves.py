@@ -43,33 +43,29 @@ def main(argv: list[str] | None = None) -> int:
         for name in (x, y):
             if name not in curves:
                 raise SystemExit(f"error: --pair {pair}: no curve {name!r} in {args.files} (have {sorted(curves)})")
-    print("relative difference per step, max / mean over each step range")
-    print("| pair | " + " | ".join(f"{a}-{b - 1}" for a, b in ranges) + " |")
-    print("|---|" + "---|" * len(ranges))
-    for pair in args.pair:
-        x, _, y = pair.partition(":")
-        cells = []
-        for a, b in ranges:
-            rel = [abs(curves[x][i] - curves[y][i]) / abs(curves[y][i]) for i in range(a, b)
-                   if i in curves[x] and i in curves[y]]
-            cells.append(f"{max(rel):.1e} / {statistics.mean(rel):.1e}" if rel else "-")
-        print(f"| {x} vs {y} | " + " | ".join(cells) + " |")
+    def per_step(x: str, y: str, a: int, b: int) -> str:
+        rel = [abs(curves[x][i] - curves[y][i]) / abs(curves[y][i]) for i in range(a, b)
+               if i in curves[x] and i in curves[y]]
+        return f"{max(rel):.1e} / {statistics.mean(rel):.1e}" if rel else "-"
+
+    def window_mean(x: str, y: str, a: int, b: int) -> str:
+        steps = [i for i in range(a, b) if i in curves[x] and i in curves[y]]
+        if not steps:
+            return "-"
+        mx, my = (statistics.mean(curves[c][i] for i in steps) for c in (x, y))
+        return f"{(mx - my) / my:+.1e}"
+
     n = min(max(c) + 1 for c in curves.values())
-    wins = [(a, min(a + args.window, n)) for a in range(0, n, args.window)]
-    print(f"\nrelative difference of the mean loss over windows of {args.window} steps")
-    print("| pair | " + " | ".join(f"{a}-{b - 1}" for a, b in wins) + " |")
-    print("|---|" + "---|" * len(wins))
-    for pair in args.pair:
-        x, _, y = pair.partition(":")
-        cells = []
-        for a, b in wins:
-            steps = [i for i in range(a, b) if i in curves[x] and i in curves[y]]
-            if not steps:
-                cells.append("-")
-                continue
-            mx, my = (statistics.mean(curves[c][i] for i in steps) for c in (x, y))
-            cells.append(f"{(mx - my) / my:+.1e}")
-        print(f"| {x} vs {y} | " + " | ".join(cells) + " |")
+    windows = [(a, min(a + args.window, n)) for a in range(0, n, args.window)]
+    for title, spans, cell in (
+            ("relative difference per step, max / mean over each step range", ranges, per_step),
+            (f"\nrelative difference of the mean loss over windows of {args.window} steps", windows, window_mean)):
+        print(title)
+        print("| pair | " + " | ".join(f"{a}-{b - 1}" for a, b in spans) + " |")
+        print("|---|" + "---|" * len(spans))
+        for pair in args.pair:
+            x, _, y = pair.partition(":")
+            print(f"| {x} vs {y} | " + " | ".join(cell(x, y, a, b) for a, b in spans) + " |")
     return 0
 
 
