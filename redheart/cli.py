@@ -279,11 +279,16 @@ def cmd_train(args, mode: str) -> int:
     cfg = make_config(args, mode, choose_preset(args, mode))  # bad values fail before the heavy imports
     check_resume_path(args.resume)
     faults = test_faults()
+    from redheart.data.importers import load_data
+
+    # every data file read and checked now: a bad one fails at once, before the heavy imports
+    # and before the run's folder is made
+    data = load_data(cfg.data.paths, cfg.data.skip_bad_records)
     from redheart.run import RunOptions, train
 
     opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given=args.epochs is not None,
                       debug=args.debug, verbose=args.verbose, analysis=mode != "train-local",
-                      faults=faults, mode=mode)
+                      faults=faults, mode=mode, data=data)
     return train(cfg, opts)
 
 

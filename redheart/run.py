@@ -18,6 +18,7 @@ from typing import Any
 from redheart.ckpt import io as ckio
 from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, set_aside, timestamp
 from redheart.config import HEADS, MODULES, Config, ConfigError
+from redheart.data.importers import LoadedData
 from redheart.runlog import Progress, duration, setup_logging
 from redheart.session import build_session
 from redheart.train import memory
@@ -48,6 +49,7 @@ class RunOptions:
     analysis: bool = True  # Sweet Spot + Crossover after training
     faults: dict[str, Any] = field(default_factory=dict)  # test hooks (injected failures)
     mode: str = "unified-train"  # the run_learning.sh mode, for the "resume with" hint
+    data: LoadedData | None = None  # the records, when the caller read them already
 
 
 def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None, str | None]:
@@ -340,7 +342,8 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
     try:
         if state is None and world.main:
             ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
-        session = build_session(cfg)
+        session = build_session(cfg, opts.data)
+        opts.data = None  # the splits hold what training needs
         probe = _micro_batch_probe(cfg, session, opts, world, paths, resuming=state is not None)
         from redheart.tb import TensorBoard
 

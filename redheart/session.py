@@ -9,6 +9,7 @@ import torch
 from redheart.config import Config
 from redheart.data.dataset import SPLITS
 from redheart.data.features import FeatureSource, cache_bytes
+from redheart.data.importers import LoadedData
 from redheart.data.pipeline import DataBundle, prepare_data
 from redheart.model.encoder import Encoder, EncoderError, Tokenizer
 from redheart.train.trainer import pick_device
@@ -47,9 +48,9 @@ def build_features(cfg: Config, data: DataBundle, encoder: Encoder, device: torc
     return {s: FeatureSource(encoder, data.splits[s], device, dtype, data.pad_id, cache) for s in SPLITS}
 
 
-def build_session(cfg: Config) -> Session:
+def build_session(cfg: Config, loaded: LoadedData | None = None) -> Session:
     device = pick_device(cfg.train.device)
     tokenizer, encoder = load_encoder(cfg, device)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, loaded)
     features = build_features(cfg, data, encoder, device)
     return Session(cfg, device, tokenizer, encoder, data, features)

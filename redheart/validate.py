@@ -120,7 +120,7 @@ def check_encoder(cfg: Config) -> tuple[str, str]:
 
 def check_data(cfg: Config) -> tuple[str, str]:
     from redheart.data.importers import load_records
-    from redheart.data.pipeline import sample_data_path
+    from redheart.data.importers import sample_data_path
 
     specs = cfg.data.paths or [str(sample_data_path())]
     records, report = load_records(specs, skip_bad=True)

@@ -2,6 +2,9 @@
 the state is written, and every state equals, bit for bit, the one a synchronous run writes."""
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
 from helpers import run, tiny_config
@@ -30,9 +33,27 @@ def test_background_writes_overlap_training_and_equal_the_synchronous_states(tmp
     common = {"train.epochs": 2, "data.max_records": 80, "train.resume_states_kept": 10,
               "crossover.enabled": False}
     assert run(tiny_config(tmp_path / "sync", **common, **{"train.async_save": "off"}), analysis=False) == 0
-    # each checkpoint write pauses 3 s after its first bytes: epoch 2 trains during epoch 1's write
-    assert run(tiny_config(tmp_path / "async", **common, **{"train.async_save": "on"}), analysis=False,
-               faults={"slow_write_s": 3.0}) == 0
+    # A resume state's write stops half-way until a file appears, and a watcher makes that file
+    # once epoch 2's summary is in the log: the run ends only if epoch 2 trains during epoch 1's
+    # write (written from the main thread, the write would wait out its 120 s and the order of
+    # the log lines below would say so). No fixed pause: as fast on a loaded machine as on an idle one.
+    release, done = tmp_path / "release", threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            logs = list((tmp_path / "async" / "logs").glob("training_*.log"))
+            if logs and "epoch 2/2: train loss" in logs[0].read_text():
+                release.touch()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert run(tiny_config(tmp_path / "async", **common, **{"train.async_save": "on"}), analysis=False,
+                   faults={"write_wait_for": {"match": "resume_state_", "path": str(release)}}) == 0
+    finally:
+        done.set()
     log = next((tmp_path / "async" / "logs").glob("training_*.log")).read_text()
     sync, bg = _states(tmp_path / "sync"), _states(tmp_path / "async")
     assert sorted(sync) == sorted(bg) and len(bg) == 2

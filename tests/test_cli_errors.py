@@ -140,7 +140,7 @@ def results(tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = dict(pool.map(one, table.items()))
-    return {name: (done[name], table[name][2]) for name in table}
+    return d, {name: (done[name], table[name][2]) for name in table}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,7 +158,7 @@ NAMES = list(cases(Path("/bad-input")))
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_input_gets_one_error_line_and_exit_code_2(results, name):
-    proc, expected = results[name]
+    proc, expected = results[1][name]
     BAD_INPUTS_TRIED.append(name)
     err = proc.stderr
     assert "Traceback" not in err + proc.stdout, err
@@ -166,3 +166,21 @@ def test_bad_input_gets_one_error_line_and_exit_code_2(results, name):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err
     assert re.fullmatch(f"error: {expected}", errors[0]), errors[0]
+
+
+def test_bad_data_or_resume_paths_make_no_run_folder(results):
+    """The cases with `--output-dir d/out` (bad data files, bad --resume paths) stop before the
+    run's folder is made: a failed start leaves nothing behind."""
+    d, _ = results
+    assert not (d / "out").exists(), sorted(p.name for p in (d / "out").rglob("*"))
+
+
+def test_a_bad_data_file_fails_before_torch_is_imported(write_file, tmp_path):
+    bad = write_file("bad.jsonl", '{"id": "a", "text": "I lied.", "regret": 1.5}\n')
+    code = ("import sys; from redheart.cli import main; "
+            f"rc = main(['unified-train', '--preset', 'tiny', '--data', {str(bad)!r}, '--output-dir', {str(tmp_path / 'o')!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAMPLES", "REDHEART_FAULTS")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.stdout.split() == ["2", "False"], p.stdout + p.stderr
+    assert f"error: {bad}:1: regret:" in p.stderr

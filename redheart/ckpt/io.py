@@ -41,9 +41,11 @@ def set_faults(faults: dict[str, Any]) -> None:
     """Test hooks: {"write_error": {"match": "NAME-PART", "after_bytes": N, "skip": K}} makes the
     writes of files whose name contains NAME-PART, after the first K of them, fail with ENOSPC
     once N bytes are written; {"slow_write_s": S} pauses S seconds inside each checkpoint write,
-    its temporary file half written."""
+    its temporary file half written; {"write_wait_for": {"match": "NAME-PART", "path": P}} pauses
+    the writes of files whose name contains NAME-PART, half written, until the file P exists
+    (at most 120 s)."""
     _faults.clear()
-    _faults.update({k: v for k, v in faults.items() if k in ("write_error", "slow_write_s")})
+    _faults.update({k: v for k, v in faults.items() if k in ("write_error", "slow_write_s", "write_wait_for")})
     if _faults:
         _faults["matched"] = 0
 
@@ -84,6 +86,13 @@ class _HashingWriter(io.RawIOBase):
                     self.paused = True
                     self.f.flush()
                     time.sleep(float(_faults["slow_write_s"]))
+                wait = _faults.get("write_wait_for")
+                if wait and not self.paused and self.size > 0 and wait["match"] in self.path.name:
+                    self.paused = True
+                    self.f.flush()
+                    deadline = time.monotonic() + 120
+                    while not os.path.exists(wait["path"]) and time.monotonic() < deadline:
+                        time.sleep(0.02)
             n = self.f.write(b)
         except OSError as exc:
             self.error = exc

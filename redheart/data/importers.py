@@ -14,6 +14,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,24 @@ def load_records(specs: list[str], skip_bad: bool = False) -> tuple[list[Record]
                 seen.add(rec.id)
                 records.append(rec)
     return records, report
+
+
+def sample_data_path() -> Path:
+    """The English sample dataset that ships with the package."""
+    return Path(str(resources.files("redheart") / "sample_data" / "sample_en.jsonl"))
+
+
+@dataclass
+class LoadedData:
+    """The records of a run's data specs (`data.paths`, or the sample when empty), read once."""
+
+    specs: list[str]
+    skip_bad: bool
+    records: list[Record]
+    report: LoadReport
+
+
+def load_data(paths: list[str], skip_bad: bool) -> LoadedData:
+    specs = list(paths) or [str(sample_data_path())]
+    records, report = load_records(specs, skip_bad=skip_bad)
+    return LoadedData(specs, skip_bad, records, report)

@@ -3,21 +3,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 from redheart.config import HEADS, Config
 from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice
-from redheart.data.importers import LoadReport, load_records
+from redheart.data.importers import LoadedData, LoadReport, load_data, sample_data_path
 from redheart.data.schema import DataError
 from redheart.model.encoder import DEFAULT_ENCODER, Tokenizer
 
 log = logging.getLogger("redheart")
-
-
-def sample_data_path() -> Path:
-    """The English sample dataset that ships with the package."""
-    return Path(str(resources.files("redheart") / "sample_data" / "sample_en.jsonl"))
 
 
 @dataclass
@@ -37,9 +30,14 @@ class DataBundle:
         return out
 
 
-def prepare_data(cfg: Config, tokenizer: Tokenizer) -> DataBundle:
-    specs = cfg.data.paths or [str(sample_data_path())]
-    records, report = load_records(specs, skip_bad=cfg.data.skip_bad_records)
+def prepare_data(cfg: Config, tokenizer: Tokenizer, loaded: LoadedData | None = None) -> DataBundle:
+    """The splits, tokenised. `loaded`: the records already read for this config (the command
+    line reads them first, so that a bad file fails before the heavy imports); read here when
+    absent or read for other specs (a resumed run's saved config)."""
+    specs = list(cfg.data.paths) or [str(sample_data_path())]
+    if loaded is None or (loaded.specs, loaded.skip_bad) != (specs, cfg.data.skip_bad_records):
+        loaded = load_data(cfg.data.paths, cfg.data.skip_bad_records)
+    records, report = loaded.records, loaded.report
     for fr in report.files:
         if fr.skipped:
             log.warning("%s: skipped %d bad line(s) of %d: %s", fr.path, fr.skipped, fr.lines,
