@@ -119,11 +119,9 @@ def check_encoder(cfg: Config) -> tuple[str, str]:
 
 
 def check_data(cfg: Config) -> tuple[str, str]:
-    from redheart.data.importers import load_records
-    from redheart.data.importers import sample_data_path
+    from redheart.data.importers import data_specs, load_records
 
-    specs = cfg.data.paths or [str(sample_data_path())]
-    records, report = load_records(specs, skip_bad=True)
+    records, report = load_records(data_specs(cfg.data.paths), skip_bad=True)
     heads = {h: sum(getattr(r, h) is not None for r in records) for h in ("emotion", "bentham", "regret", "surd")}
     text = (f"{len(records)} records from {len(report.files)} file(s); with targets: "
             + ", ".join(f"{h} {n}" for h, n in heads.items()))

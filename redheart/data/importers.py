@@ -457,7 +457,12 @@ class LoadedData:
     report: LoadReport
 
 
+def data_specs(paths: list[str]) -> list[str]:
+    """The data specs a run reads: `data.paths`, or the shipped sample when it is empty."""
+    return list(paths) or [str(sample_data_path())]
+
+
 def load_data(paths: list[str], skip_bad: bool) -> LoadedData:
-    specs = list(paths) or [str(sample_data_path())]
+    specs = data_specs(paths)
     records, report = load_records(specs, skip_bad=skip_bad)
     return LoadedData(specs, skip_bad, records, report)

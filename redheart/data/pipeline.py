@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from redheart.config import HEADS, Config
 from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice
-from redheart.data.importers import LoadedData, LoadReport, load_data, sample_data_path
+from redheart.data.importers import LoadedData, LoadReport, data_specs, load_data
 from redheart.data.schema import DataError
 from redheart.model.encoder import DEFAULT_ENCODER, Tokenizer
 
@@ -34,7 +34,7 @@ def prepare_data(cfg: Config, tokenizer: Tokenizer, loaded: LoadedData | None = 
     """The splits, tokenised. `loaded`: the records already read for this config (the command
     line reads them first, so that a bad file fails before the heavy imports); read here when
     absent or read for other specs (a resumed run's saved config)."""
-    specs = list(cfg.data.paths) or [str(sample_data_path())]
+    specs = data_specs(cfg.data.paths)
     if loaded is None or (loaded.specs, loaded.skip_bad) != (specs, cfg.data.skip_bad_records):
         loaded = load_data(cfg.data.paths, cfg.data.skip_bad_records)
     records, report = loaded.records, loaded.report
