@@ -4,7 +4,8 @@
         --variant guide:micro_batch=2,grad_accum=32 --variant fast:micro_batch=64,grad_accum=1 ...
 
 Each variant is `name:key=value,...` over train.* / tech.* / model.* fields (short names:
-micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs, packing, ...). For each it runs warm-up
+micro_batch, grad_accum, rdrop, compile, checkpointing, cuda_graphs, packing, ...; `inductor.NAME=value` sets
+a torch._inductor.config field for that variant). For each it runs warm-up
 optimizer steps, then times `--steps` optimizer steps with the real Trainer (same code as
 training) and prints samples/s, real (non-padding) tokens/s, MFU against a bf16 matrix-product
 peak measured in the same run, peak memory and step time. Results go to --out as JSON.
@@ -138,6 +139,30 @@ def token_share(steps: list[list[int]], lengths: torch.Tensor, trainer: Trainer)
     return real / computed
 
 
+def write_results(args: argparse.Namespace, peak: float, device: torch.device, results: list[dict]) -> None:
+    doc = {"peak_tflops": peak, "preset": args.preset, "records": args.records,
+           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+
+
+def set_inductor(settings: dict) -> dict:
+    """Set torch._inductor.config fields ("true", "8", "name" parsed as JSON where they parse) and
+    forget compiled code, so the next compile sees them; returns the previous values."""
+    import torch._dynamo
+    import torch._inductor.config as ic
+
+    previous = {k: getattr(ic, k) for k in settings}
+    for k, v in settings.items():
+        try:
+            v = json.loads(v) if isinstance(v, str) else v
+        except ValueError:
+            pass
+        setattr(ic, k, v)
+    torch._dynamo.reset()
+    return previous
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="730m")
@@ -175,6 +200,8 @@ def main() -> int:
         cap = float(pairs.pop("cap", args.memory_cap_gib))  # per-variant GPU memory cap in GiB (0 = none)
         n_warm, n_steps = int(pairs.pop("warmup", args.warmup)), int(pairs.pop("steps", args.steps))
         save_at = int(pairs.pop("save_at", 0))  # with --state-dir: save and stop after this step
+        # Inductor settings for this variant only, e.g. inductor.fallback_random=true
+        inductor = {k.split(".", 1)[1]: pairs.pop(k) for k in list(pairs) if k.startswith("inductor.")}
         cfg = preset(args.preset)
         cfg.data.paths, cfg.data.max_records, cfg.train.device = args.data, args.records, device.type
         for k, v in pairs.items():
@@ -187,6 +214,7 @@ def main() -> int:
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total) if cap else 1.0, device)
+        restore_inductor = set_inductor(inductor) if inductor or cfg.train.compile else {}
         trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
         plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
         steps = [plan[i % len(plan)] for i in range(n_warm + n_steps)]
@@ -199,11 +227,13 @@ def main() -> int:
             print(f"{name}: continuing from step {start} ({state_file})", flush=True)
         t_begin = time.perf_counter()
         t0 = t_begin
+        graphs_before = 0
         try:
             for i in range(start, len(steps)):
                 if i == max(n_warm, start):
                     sync(device)
                     t0 = time.perf_counter()
+                    graphs_before = len(trainer.graphs.graphs) if trainer.graphs is not None else 0
                 trainer.model.train()
                 parts = trainer.accumulate(steps[i])
                 trainer.optimizer_step(parts)
@@ -226,6 +256,7 @@ def main() -> int:
             print(f"{name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
             results.append({"name": name, "config": pairs, "error": f"{type(exc).__name__}: {exc}"[:500]})
             del trainer
+            set_inductor(restore_inductor)
             continue
         if stopped:
             results.append({"name": name, "config": pairs, "stopped_at": len(losses),
@@ -246,7 +277,11 @@ def main() -> int:
              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
              "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses],
              "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
-             "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap}
+             "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap,
+             # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
+             "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0}
+        if inductor:
+            r["inductor"] = inductor
         if args.profile:
             r["profile"] = profile_step(trainer, steps[-1], device, Path(args.profile) / f"{name}.json")
             prof = r["profile"]
@@ -257,12 +292,12 @@ def main() -> int:
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
               f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "
               f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None}, "
-              f"bf16 copies {trainer.lowp is not None and ('fused' if trainer.lowp.fused else 'unfused')})",
-              flush=True)
+              f"bf16 copies {trainer.lowp is not None and ('fused' if trainer.lowp.fused else 'unfused')}, "
+              f"graphs captured while timing {r['graphs_captured_timed']})", flush=True)
         del trainer
-    doc = {"peak_tflops": peak, "preset": args.preset, "records": args.records, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
-    Path(args.out).write_text(json.dumps(doc, indent=2))
+        set_inductor(restore_inductor)
+        write_results(args, peak, device, results)  # after every variant: a cut-off call keeps the others
+    write_results(args, peak, device, results)
     curves = [r for r in results if "losses" in r and len(r["losses"]) >= 10]
     for r in curves[1:]:
         a, b = curves[0]["losses"], r["losses"]

@@ -65,3 +65,13 @@ def test_compare_curves_prints_per_range_and_window_differences(tmp_path, capsys
         assert "no curve 'zz'" in str(exc)
     else:
         raise AssertionError("an unknown curve name must be an error")
+
+
+def test_an_inductor_setting_holds_for_its_variant_only():
+    import torch._inductor.config as ic
+
+    before = ic.fallback_random
+    previous = bench_train.set_inductor({"fallback_random": json.dumps(not before)})
+    assert ic.fallback_random is (not before) and previous == {"fallback_random": before}
+    bench_train.set_inductor(previous)
+    assert ic.fallback_random is before

@@ -42,6 +42,26 @@ def test_the_plan_maps_slots_to_distinct_positions_covering_every_token(seed):
     assert torch.equal(p.unpack(p.pack(x)).view(-1, 3)[sorted(tokens)], x.view(-1, 3)[sorted(tokens)])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_made_up_for_cuda_graphs_add_empty_rows_only(seed):
+    """For CUDA graphs: a wider padded layout and rows made up to a multiple; every token still
+    lands once, the slots stay distinct, and the made-up rows hold padding positions only."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 12), rng.randint(40, 60)]) for _ in range(rng.randint(3, 40))]
+    exact = plan(lengths, CPU, width=64)
+    p = plan(lengths, CPU, width=64, rows_multiple=4)
+    n = len(first_fit(lengths, 64))
+    assert p.rows == min(len(lengths), -(-n // 4) * 4) and p.width == 64
+    assert exact is None or exact.rows == n
+    index = p.index.tolist()
+    assert len(index) == p.rows * 64 == len(set(index))
+    tokens = {i * 64 + t for i, m in enumerate(lengths) for t in range(m)}
+    assert tokens <= set(index[:n * 64]) and all(0 <= x < len(lengths) * 64 for x in index)
+    x = torch.randn(len(lengths), 64, 3)
+    assert torch.equal(p.unpack(p.pack(x)).view(-1, 3)[sorted(tokens)], x.view(-1, 3)[sorted(tokens)])
+    assert plan([7, 7, 7], CPU, rows_multiple=2).rows == 3  # always a plan, never more rows than texts
+
+
 def test_nothing_to_pack_keeps_the_padded_layout():
     assert plan([7, 7, 7], CPU) is None
     assert plan([5], CPU) is None

@@ -75,14 +75,18 @@ def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def plan(lengths: list[int], device: torch.device) -> Packing | None:
-    """The packing of texts with these lengths (padded to their maximum), or None where packing
-    saves nothing (every row would hold one text: no padding to remove)."""
-    width = max(lengths)
+def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple: int = 0) -> Packing | None:
+    """The packing of texts with these lengths, padded to `width` (default: their maximum), or
+    None where packing saves nothing (every row would hold one text: no padding to remove).
+    With `rows_multiple` (CUDA graphs, which replay fixed shapes) the rows are made up with empty
+    ones to a multiple of it, at most one row per text, and there is always a plan."""
+    width = width or max(lengths)
     rows = first_fit(lengths, width)
-    if len(rows) == len(lengths):
-        return None
     n_rows, lens = len(rows), np.asarray(lengths)
+    if rows_multiple:
+        n_rows = min(len(lengths), -(-n_rows // rows_multiple) * rows_multiple)
+    elif n_rows == len(lengths):
+        return None
     index = np.empty(n_rows * width, dtype=np.int64)
     filled = np.zeros(n_rows * width, dtype=bool)
     for r, texts in enumerate(rows):
@@ -91,7 +95,8 @@ def plan(lengths: list[int], device: torch.device) -> Packing | None:
             index[at:at + lens[i]] = np.arange(i * width, i * width + lens[i])
             at += lens[i]
         filled[r * width:at] = True
-    # a row's free slots, in order, take distinct padding positions of the padded layout
+    # a row's free slots (and the empty rows), in order, take distinct padding positions of the
+    # padded layout: there are enough, as there are no more rows than texts
     padding = np.flatnonzero(np.arange(width)[None, :] >= lens[:, None])
     free = np.flatnonzero(~filled)
     index[free] = padding[:free.size]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from redheart.config import HEADS, TechniqueConfig
-from redheart.model.packing import plan
+from redheart.model.packing import Packing, plan
 from redheart.train.losses import rdrop_consistency, task_loss
 
 log = logging.getLogger("redheart")
@@ -24,19 +24,24 @@ log = logging.getLogger("redheart")
 TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "regret_mask", "surd", "surd_mask")
 
 
+def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device, width: int = 0,
+                 rows_multiple: int = 0) -> Packing | None:
+    """The packing of one micro-batch's forward pass (redheart/model/packing.py): R-Drop's
+    doubled batch holds every text twice."""
+    return plan(lengths * 2 if tech.rdrop_alpha > 0 else lengths, device, width, rows_multiple)
+
+
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,
                  tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor, tech: TechniqueConfig,
                  weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True,
-                 pack_lengths: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of one micro-batch and its components (detached, fp32). With
-    `pack_lengths` (the texts' lengths; `states` padded to their maximum) the layers run on
-    the texts packed into rows (redheart/model/packing.py)."""
+                 packing: Packing | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch and its components (detached, fp32). With a
+    `packing` (`plan_packing`) the layers run on the texts packed into rows."""
     with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
                         cache_enabled=cache):
         if tech.rdrop_alpha > 0:
             # R-Drop: one forward over the doubled batch = two passes with independent dropout.
             b = states.shape[0]
-            packing = plan(pack_lengths * 2, states.device) if pack_lengths else None
             out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded, packing)
             out_a = {k: v[:b] for k, v in out.items()}
             out_b = {k: v[b:] for k, v in out.items()}
@@ -48,7 +53,7 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
             parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
             parts["rdrop"] = cons
         else:
-            out = model(states, keep, padded, plan(pack_lengths, states.device) if pack_lengths else None)
+            out = model(states, keep, padded, packing)
             loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
             task = loss
     parts = {**parts, "task": task, "loss": loss}
@@ -68,17 +73,20 @@ class _Graph:
     keep: torch.Tensor
     targets: dict[str, torch.Tensor]
     inv: torch.Tensor
+    packing: Packing | None  # its index is the graph's input, rewritten before each replay
     parts: dict[str, torch.Tensor]
 
 
 class GraphedMicroSteps:
-    """Forward + loss + backward of a micro-batch as CUDA graphs, one per (batch, bucketed length)."""
+    """Forward + loss + backward of a micro-batch as CUDA graphs, one per (batch, bucketed
+    length, packed rows). With `rows_multiple` the texts are packed (redheart/model/packing.py)
+    into a number of rows made up to a multiple of it, so that a few graphs cover every step."""
 
     def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
-                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32):
+                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32, rows_multiple: int = 0):
         self.model, self.tech, self.weights, self.dtype = model, tech, weights, dtype
-        self.max_tokens, self.bucket = max_tokens, bucket
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.max_tokens, self.bucket, self.rows_multiple = max_tokens, bucket, rows_multiple
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def width(self, length: int) -> int:
@@ -86,9 +94,10 @@ class GraphedMicroSteps:
 
     def _run(self, g: _Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return forward_loss(self.model, g.states, g.keep, True, g.targets, g.inv, self.tech, self.weights,
-                            self.dtype, cache=False)
+                            self.dtype, cache=False, packing=g.packing)
 
-    def _capture(self, b: int, width: int, dim: int, states_dtype: torch.dtype, device: torch.device) -> _Graph:
+    def _capture(self, b: int, width: int, rows: int, dim: int, states_dtype: torch.dtype,
+                 device: torch.device) -> _Graph:
         for p in self.model.parameters():  # backward must accumulate in place, never allocate
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -97,12 +106,16 @@ class GraphedMicroSteps:
               "regret": torch.full((b,), 0.5), "surd": torch.full((b, 4), 0.25),
               "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
               "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.ones(b, dtype=torch.bool)}
+        # packed: any distinct positions do for the capture; each replay writes its own plan
+        packing = None if not rows else Packing(torch.arange(rows * width, device=device),
+                                                b * (2 if self.tech.rdrop_alpha > 0 else 1), rows, width)
         g = _Graph(torch.cuda.CUDAGraph(), torch.randn(b, width, dim, device=device).to(states_dtype),
                    torch.ones(b, width, dtype=torch.bool, device=device),
-                   {k: v.to(device) for k, v in tg.items()}, torch.full((len(HEADS),), 1.0 / b, device=device), {})
+                   {k: v.to(device) for k, v in tg.items()}, torch.full((len(HEADS),), 1.0 / b, device=device),
+                   packing, {})
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning)
+        with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning, compiling)
             for _ in range(2):
                 loss, _ = self._run(g)
                 loss.backward()
@@ -112,16 +125,21 @@ class GraphedMicroSteps:
             loss.backward()
         with torch.no_grad():  # undo the warm-up's gradients (the capture itself computed nothing)
             torch._foreach_copy_([p.grad for p in self.model.parameters() if p.requires_grad], saved)
-        log.debug("captured a CUDA graph for micro-batch %d x %d tokens", b, width)
+        log.debug("captured a CUDA graph for micro-batch %d x %d tokens%s", b, width,
+                  f" in {rows} packed rows" if rows else "")
         return g
 
     def __call__(self, states: torch.Tensor, keep: torch.Tensor, tgt: dict[str, torch.Tensor],
-                 inv: torch.Tensor) -> dict[str, torch.Tensor]:
+                 inv: torch.Tensor, lengths: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """One micro-batch; `lengths` (the texts' token counts) are needed when packing."""
         b, n, dim = states.shape
         width = self.width(n)
-        key = (b, width)
+        packing = None
+        if self.rows_multiple:
+            packing = plan_packing(lengths, self.tech, states.device, width, self.rows_multiple)
+        key = (b, width, packing.rows if packing else 0)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(b, width, dim, states.dtype, states.device)
+            self.graphs[key] = self._capture(*key, dim, states.dtype, states.device)
         g = self.graphs[key]
         g.states.zero_()
         g.states[:, :n].copy_(states, non_blocking=True)
@@ -130,6 +148,8 @@ class GraphedMicroSteps:
         for k in TARGET_KEYS:
             g.targets[k].copy_(tgt[k], non_blocking=True)
         g.inv.copy_(inv, non_blocking=True)
+        if packing is not None:
+            g.packing.index.copy_(packing.index, non_blocking=True)
         g.graph.replay()
         return {k: v.clone() for k, v in g.parts.items()}
 

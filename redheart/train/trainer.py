@@ -39,7 +39,7 @@ from redheart.model.network import Block, RedHeartNet
 from redheart.train import memory
 from redheart.train.ema import EMA
 from redheart.train.flops import measure_peak_tflops, train_flops
-from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts
+from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts, plan_packing
 from redheart.train.swap import SwapAdamW
 from redheart.train.metrics import head_metrics
 from redheart.train.schedule import warmup_cosine
@@ -118,6 +118,11 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
         return False
     return mode == "on" or (cfg.train.micro_batch <= 8 and not cfg.train.compile
                             and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
+
+
+# CUDA graphs replay fixed shapes: packed rows are made up to a multiple of this, so that a few
+# graphs cover every micro-batch (each graph's made-up rows are computed for nothing)
+PACKED_ROWS_MULTIPLE = 2
 
 
 def use_packing(cfg: Config) -> bool:
@@ -304,13 +309,14 @@ class Trainer:
                      "by the matrix product (fused)" if self.lowp.fused else "after a bf16 product")
         # several processes (DDP): gradients live in one flat buffer, all-reduced in place
         self.flat_grads = FlatGrads(list(self.model.parameters())) if self.world.active and not self.fsdp else None
+        self.packing = use_packing(cfg)
         self.graphs = None
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
-                                            cfg.model.max_tokens)
-        self.packing = self.graphs is None and use_packing(cfg)
+                                            cfg.model.max_tokens, rows_multiple=PACKED_ROWS_MULTIPLE * self.packing)
         if self.packing:
-            log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers")
+            log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers%s",
+                     " (CUDA graphs: rows made up to a multiple of %d)" % PACKED_ROWS_MULTIPLE if self.graphs else "")
         if cfg.train.compile:
             compile_blocks(self.model)
         self.history: list[dict[str, Any]] = []
@@ -391,10 +397,10 @@ class Trainer:
                 tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
             start += len(mb)
             if self.graphs is not None:
-                parts = self.graphs(states, keep, tgt, inv)
+                parts = self.graphs(states, keep, tgt, inv, lens)
             else:
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype, pack_lengths=lens if self.packing else None)
+                                           tech, weights, self.dtype, packing=plan_packing(lens, tech, self.device) if self.packing else None)
                 if n >= own:
                     (loss * 0.0).backward()
                     continue
