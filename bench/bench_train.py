@@ -214,8 +214,9 @@ def main() -> int:
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total) if cap else 1.0, device)
-        restore_inductor = set_inductor(inductor) if inductor or cfg.train.compile else {}
         trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
+        # after the Trainer (whose compile_blocks sets its own defaults), before the first compile
+        restore_inductor = set_inductor(inductor) if inductor or cfg.train.compile else {}
         plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
         steps = [plan[i % len(plan)] for i in range(n_warm + n_steps)]
         losses, start, stopped = [], 0, False

@@ -92,12 +92,18 @@ class Progress:
         left_run = left_epoch + (self.epochs - self.epoch) * self.steps * per_step
         return self.run_steps * samples_per_step / elapsed, left_epoch, left_run
 
+    def logs_next(self) -> bool:
+        """Whether the next `step` writes a line (which reads the step's loss from the device)."""
+        done = self.done + 1
+        return self.verbose or done % self.every == 0 or done == self.steps
+
     def step(self, trainer, parts, applied: bool) -> None:
+        logs = self.logs_next()
         self.done += 1
         self.run_steps += 1
         if self.bar is not None:
             self.bar.update(1)
-        if not (self.verbose or self.done % self.every == 0 or self.done == self.steps):
+        if not logs:
             return
         lr = trainer.scheduler.get_last_lr()[0]
         rate, left_epoch, left_run = self.rates(trainer)

@@ -88,6 +88,16 @@ class StepStats:
                    s["steps"], s["samples"], s["tokens"], list(s.get("lrs", [])), float(s.get("flops", 0.0)))
 
 
+@dataclass
+class UncheckedStep:
+    """An optimizer step whose finite check is still on the device (`train.finite_check`)."""
+
+    step: int  # the global step, as the log counts it
+    parts: dict[str, torch.Tensor]
+    ok: torch.Tensor  # the check's result: in pinned host memory once `event` has passed
+    event: torch.cuda.Event | None
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,6 +168,13 @@ def compile_blocks(model: torch.nn.Module) -> None:
     from redheart.model.network import Block
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Dropout from ATen's generator, as in eager mode, instead of Inductor's in-kernel random
+    # numbers: the compiled GPU step took 97 instead of 100 ms (profile, micro-batch 64; R-Drop on
+    # 318.0 against 310.0-312.4 samples/s, bench/RESULTS.md), and compiled layers draw the same
+    # masks as eager ones
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
     for m in model.modules():
         if isinstance(m, Block):
             m.compile(dynamic=True)
@@ -323,6 +340,10 @@ class Trainer:
         self.epoch_stats = StepStats()
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
+        self._unchecked: UncheckedStep | None = None  # the last step, while its check is on the device
+        if self.defers_checks():
+            log.info("finite checks deferred: a bad step is skipped on the device, and the host reads "
+                     "each step's check while the next step's work is queued")
         self.oom_events: list[dict[str, Any]] = []
         self.memory_samples: list[dict[str, float]] = []
         self.memory_probe: dict[str, Any] | None = None  # the largest micro-batch search (train-local)
@@ -453,6 +474,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _recover_from_oom(self, exc: Exception, attempt: int) -> None:
+        self.settle()  # the swap manager may rebuild the optimizer and schedule: the last step first
         if self.graphs is not None:
             self.graphs.reset()
         self.zero_grad()
@@ -491,8 +513,11 @@ class Trainer:
             f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
             f"{'more GPUs' if self.fsdp else '--set memory.swap=on'}: --resume {path}", path, code=4)
 
-    def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> bool:
+    def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
+                     defer: bool = False) -> bool | torch.Tensor:
         """Clip and step `optimizer` unless the loss or gradient is not finite; clear gradients.
+        Returns whether the step was applied; with `defer` (a fused AdamW in one process) the
+        check stays on the device, where AdamW skips its own update, and comes back as a tensor.
 
         A head without targets in this step takes no part in it (no decay, no momentum), as in
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
@@ -513,14 +538,19 @@ class Trainer:
             norm = norm.full_tensor()
         loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
         ok = torch.isfinite(norm) & torch.isfinite(loss)
-        if summed is None:
+        if defer and summed is None:
+            optimizer.found_inf = (~ok).float()  # fused AdamW: no update, step count kept, on a bad step
+            optimizer.step()
+            optimizer.found_inf = None
+            finite = ok
+        elif summed is None:
             finite = bool(ok)  # the one host sync of the step
         else:  # the one host sync of the step: the check, which parts exist, any rank's stop
             host = torch.cat([ok.float().view(1).to(summed.device), summed[len(LOSS_KEYS):]]).tolist()
             finite = host[0] > 0
             totals, self._stop_agreed = unpack_scalars(summed, host[1:])  # every rank stops after the same step
             parts.update(totals)
-        if finite:
+        if finite is True:
             optimizer.step()
         for p, g in hidden.items():
             p.grad = g
@@ -528,20 +558,59 @@ class Trainer:
         parts["grad_norm"] = norm.detach().float()
         return finite
 
-    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool:
-        """The update of a training step: AdamW, schedule, EMA; a non-finite step is skipped and counted."""
-        finite = self.apply_update(self.optimizer, parts)
+    def defers_checks(self) -> bool:
+        """Whether steps leave their finite check on the device (`train.finite_check`)."""
+        mode = self.cfg.train.finite_check
+        possible = (not self.world.active and not self.swap
+                    and all(g.get("fused") for g in self.optimizer.param_groups))
+        return possible and (mode == "deferred" or (mode == "auto" and self.device.type == "cuda"))
+
+    def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool | None:
+        """The update of a training step: AdamW, schedule, EMA; a non-finite step is skipped and
+        counted. Returns whether it was applied, or None while its check is on the device: then
+        `settle` (called by the next step, before its update, and before anything that reads the
+        schedule, the EMA or the counts) finishes it. The order of the GPU's work is the same
+        either way (the EMA reads the weights before the next update), so are the results."""
+        self.settle()
+        self.epoch_stats.lrs.append(self.scheduler.get_last_lr()[0])
+        finite = self.apply_update(self.optimizer, parts, defer=self.defers_checks())
+        if isinstance(finite, torch.Tensor):
+            ok, event = finite, None
+            if ok.device.type == "cuda":  # copied to the host behind the step's work, not waited for
+                ok = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            self._unchecked = UncheckedStep(self.global_step, parts, ok, event)
+            return None
+        self._step_done(self.global_step, parts, finite)
+        return finite
+
+    def settle(self) -> bool | None:
+        """Finish the step whose finite check was left on the device, if any: wait for that
+        step's end (not for the work queued since), then schedule, EMA and counts. Returns
+        whether that step was applied (None: there was none)."""
+        u, self._unchecked = self._unchecked, None
+        if u is None:
+            return None
+        if u.event is not None:
+            u.event.synchronize()
+        finite = bool(u.ok)
+        self._step_done(u.step, u.parts, finite)
+        return finite
+
+    def _step_done(self, step: int, parts: dict[str, torch.Tensor], finite: bool) -> None:
         if finite:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model, self.optimizer.cpu_of if self.swap else None)
             self.bad_steps_in_row = 0
+            self.epoch_stats.add(parts)  # a skipped step's non-finite loss would make the epoch's mean NaN
+            self.epoch_stats.steps += 1
         else:
             self.bad_steps_total += 1
             self.bad_steps_in_row += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
-                        self.global_step, self.bad_steps_in_row, self.bad_steps_total)
-        return finite
+                        step, self.bad_steps_in_row, self.bad_steps_total)
 
     # ------------------------------------------------------------------ epochs
 
@@ -568,13 +637,9 @@ class Trainer:
                 parts = self.accumulate(step)
                 if self.faults:
                     self._inject_numeric_fault(parts)
-                self.epoch_stats.lrs.append(self.scheduler.get_last_lr()[0])
                 applied = self.optimizer_step(parts)
                 self.global_step += 1
                 self.step_in_epoch = i + 1
-                if applied:  # a skipped step's non-finite loss would make the epoch's mean NaN
-                    self.epoch_stats.add(parts)
-                    self.epoch_stats.steps += 1
                 self.epoch_stats.samples += len(step)
                 step_lengths = self.train_data.lengths[step]
                 self.epoch_stats.tokens += int(step_lengths.sum())
@@ -583,7 +648,11 @@ class Trainer:
                 if cfg.memory.monitor:
                     self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
                 if bar is not None:
-                    bar.step(self, parts, applied)
+                    if applied is None and bar.logs_next():  # the line reads the loss anyway: settle
+                        applied = self.settle()
+                    bar.step(self, parts, applied is not False)
+                if self._unchecked is not None and self.bad_steps_in_row >= cfg.train.max_bad_steps - 1:
+                    self.settle()  # one more bad step stops the run: decide at this step, as when synchronous
                 if self.bad_steps_in_row >= cfg.train.max_bad_steps:
                     path = self.save_resume_state()
                     raise TrainingStopped(f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite "
@@ -626,6 +695,7 @@ class Trainer:
             next(p.grad for p in self.model.parameters() if p.grad is not None).fill_(float("inf"))
 
     def end_of_epoch(self) -> dict[str, Any]:
+        self.settle()
         cfg = self.cfg
         seconds = time.time() - self._epoch_t0
         tflops = self.epoch_stats.flops / max(seconds, 1e-9) / 1e12  # model FLOPs done per second
@@ -757,6 +827,7 @@ class Trainer:
         """Everything to continue exactly, as plain tensors in the layout of one process (the
         optimizer's as `torch.optim` writes it): it resumes under any mode and number of
         processes. Under FSDP every rank must call it; rank 0's alone is whole."""
+        self.settle()
         rngs = rngs or [capture_rng()]
         return {
             "kind": "resume", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
