@@ -93,14 +93,15 @@ class TrainConfig:
     async_save: str = "auto"
     # pack the texts of a micro-batch end to end in rows for the token-wise layers instead of
     # padding each to the longest (redheart/model/packing.py): auto (micro-batches of more than
-    # 8 texts without CUDA graphs) | on | off. Micro-batch 64 on an H200, R-Drop off, same call:
+    # 8 texts; with train.cuda_graphs=on the graphs replay packed rows) | on | off. Micro-batch 64 on an H200, R-Drop off, same call:
     # 536.4 against 383.0 samples/s compiled, 461.6 against 339.6 eager (bench/RESULTS.md).
     packing: str = "auto"
     # where a step's finite check (skip the update on a NaN/Inf loss or gradient) is decided:
     # "deferred" leaves it on the device (fused AdamW skips its update there) and reads it while
     # the next step's work is queued, so the host never waits for the GPU inside a step; the
     # schedule, EMA and counts follow as in "sync". auto: deferred on a GPU where possible (one
-    # process, fused AdamW, no swap manager); micro-batch 64 on an H200: 525 -> 574 samples/s
+    # process, fused AdamW, no swap manager). Micro-batch 64, compiled, on an H200 (with ATen's
+    # dropout, bench/RESULTS.md): 511 -> 557 samples/s without R-Drop, 313 -> 329 with it
     finite_check: str = "auto"
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp

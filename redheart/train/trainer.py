@@ -136,8 +136,10 @@ PACKED_ROWS_MULTIPLE = 2
 
 
 def use_packing(cfg: Config) -> bool:
-    """Packing pays where a micro-batch holds many texts of different lengths; CUDA graphs
-    (small micro-batches) need fixed shapes and keep the padded layout."""
+    """Packing pays where a micro-batch holds many texts of different lengths. The small
+    micro-batches that get CUDA graphs by default keep the padded layout; graphs asked for at a
+    large micro-batch replay packed rows (slower than compiled layers without graphs on an H200:
+    345.2 against 485.1 samples/s, bench/RESULTS.md)."""
     mode = cfg.train.packing
     return mode == "on" or (mode == "auto" and cfg.train.micro_batch > 8)
 
