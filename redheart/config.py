@@ -93,8 +93,9 @@ class TrainConfig:
     async_save: str = "auto"
     # pack the texts of a micro-batch end to end in rows for the token-wise layers instead of
     # padding each to the longest (redheart/model/packing.py): auto (micro-batches of more than
-    # 8 texts; with train.cuda_graphs=on the graphs replay packed rows) | on | off. Micro-batch 64 on an H200, R-Drop off, same call:
-    # 536.4 against 383.0 samples/s compiled, 461.6 against 339.6 eager (bench/RESULTS.md).
+    # 8 texts; with train.cuda_graphs=on the graphs replay packed rows) | on | off. Micro-batch
+    # 64 on an H200, R-Drop off, same call: 536.4 against 383.0 samples/s compiled, 461.6
+    # against 339.6 eager (bench/RESULTS.md).
     packing: str = "auto"
     # where a step's finite check (skip the update on a NaN/Inf loss or gradient) is decided:
     # "deferred" leaves it on the device (fused AdamW skips its update there) and reads it while

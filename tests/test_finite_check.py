@@ -26,7 +26,8 @@ def _same_states(a: dict, b: dict) -> None:
     assert (a["global_step"], a["bad_steps_total"], a["bad_steps_in_row"]) == \
         (b["global_step"], b["bad_steps_total"], b["bad_steps_in_row"])
     for x, y in zip(a["history"], b["history"], strict=True):
-        assert (x["train"], x["val"], x["bad_steps"], x["lr_steps"]) == (y["train"], y["val"], y["bad_steps"], y["lr_steps"])
+        keys = ("train", "val", "bad_steps", "lr_steps")
+        assert [x[k] for k in keys] == [y[k] for k in keys]
 
 
 def test_deferred_checks_end_where_synchronous_ones_do_with_bad_steps_skipped(tmp_path):

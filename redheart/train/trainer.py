@@ -422,8 +422,9 @@ class Trainer:
             if self.graphs is not None:
                 parts = self.graphs(states, keep, tgt, inv, lens)
             else:
+                packing = plan_packing(lens, tech, self.device) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype, packing=plan_packing(lens, tech, self.device) if self.packing else None)
+                                           tech, weights, self.dtype, packing=packing)
                 if n >= own:
                     (loss * 0.0).backward()
                     continue
@@ -545,15 +546,16 @@ class Trainer:
             optimizer.step()
             optimizer.found_inf = None
             finite = ok
-        elif summed is None:
-            finite = bool(ok)  # the one host sync of the step
-        else:  # the one host sync of the step: the check, which parts exist, any rank's stop
-            host = torch.cat([ok.float().view(1).to(summed.device), summed[len(LOSS_KEYS):]]).tolist()
-            finite = host[0] > 0
-            totals, self._stop_agreed = unpack_scalars(summed, host[1:])  # every rank stops after the same step
-            parts.update(totals)
-        if finite is True:
-            optimizer.step()
+        else:
+            if summed is None:
+                finite = bool(ok)  # the one host sync of the step
+            else:  # the one host sync of the step: the check, which parts exist, any rank's stop
+                host = torch.cat([ok.float().view(1).to(summed.device), summed[len(LOSS_KEYS):]]).tolist()
+                finite = host[0] > 0
+                totals, self._stop_agreed = unpack_scalars(summed, host[1:])  # every rank stops after the same step
+                parts.update(totals)
+            if finite:
+                optimizer.step()
         for p, g in hidden.items():
             p.grad = g
         self.zero_grad()
