@@ -3,6 +3,7 @@ LR sweep, train, Sweet Spot and Crossover, summaries. The modes of `run_learning
 configurations of this one path."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import logging.handlers
@@ -403,6 +404,11 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
                     "(run them with: bash run_learning.sh crossover %s)", paths.root)
         tb.close()
         return 0
+    # The analysis reads the saved snapshots: the training state (the model, its gradients, the
+    # AdamW moments and the EMA: 16 GB for an 800M model in fp32) goes first. Kept, it took the
+    # CPU analysis of unified-test-v1 past 24 GB and into the out-of-memory killer.
+    trainer = None
+    gc.collect()
     report = None
     if opts.analysis and cfg.crossover.enabled:
         from redheart.analysis import run_crossover

@@ -11,9 +11,24 @@ from redheart.model.network import RedHeartNet
 from helpers import newest_state, run, tiny_config
 
 
-def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_path):
+def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_path, monkeypatch):
+    import gc
+
+    import redheart.analysis
+    from redheart.train.trainer import Trainer
+
+    live = []  # Trainer objects alive when the analysis starts: the training state held in memory
+    original = redheart.analysis.run_crossover
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        live.append(sum(isinstance(o, Trainer) for o in gc.get_objects()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(redheart.analysis, "run_crossover", counting)
     cfg = tiny_config(tmp_path, train__epochs=2, train__save_every=1)
     assert run(cfg) == 0
+    assert live == [0]  # released before the analysis (an 800M model's 16 GB on the CPU)
     state = newest_state(tmp_path)
     hist = state["history"]
     assert [r["epoch"] for r in hist] == [1, 2]
