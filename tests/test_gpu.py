@@ -41,6 +41,7 @@ def _grads(net: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    a, b = a.detach(), b.detach()
     scale = float(b.abs().max()) + 1e-12
     assert float((a - b).abs().max()) <= 2e-3 * scale, f"{what}: {float((a - b).abs().max())} vs scale {scale}"
 
