@@ -72,11 +72,13 @@ def _as_float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def final_state(paths: RunPaths) -> dict[str, Any] | None:
-    """The run's newest resume state (fp32 weights and the EMA), if still on disk and sound."""
+    """The weights and the EMA of the run's newest resume state, if still on disk and sound. The
+    file stays mapped: its AdamW moments (twice the model) are never read in."""
     for entry in reversed(read_registry(paths.root)):
         if entry.get("run_id") == paths.run_id:
             try:
-                return ckio.load(entry["path"], entry.get("sha256"))
+                state = ckio.load(entry["path"], entry.get("sha256"), mmap=True)
+                return {"model_state": state["model_state"], "ema": state.get("ema")}
             except ckio.CheckpointError as exc:
                 log.warning("final state not usable: %s", exc)
     return None
@@ -99,7 +101,7 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     def snapshot(epoch: int) -> dict[str, torch.Tensor]:
         if epoch not in cache:
             e = by_epoch[epoch]
-            cache[epoch] = _as_float(ckio.load(e["path"], e.get("sha256"))["model_state"])
+            cache[epoch] = _as_float(ckio.load(e["path"], e.get("sha256"), mmap=True)["model_state"])
         return cache[epoch]
 
     def scores(state: dict[str, torch.Tensor], split: str) -> dict[str, float]:

@@ -31,3 +31,14 @@ def test_a_flipped_byte_in_tensor_data_is_caught_by_the_sha256(tmp_path):
     assert torch.load(path, weights_only=True)["model_state"]["w"].numel() == 50_000
     with pytest.raises(ckio.CheckpointError, match="corrupted: SHA-256"):
         ckio.load(path, info["sha256"])
+
+
+def test_a_mapped_load_gives_the_same_tensors(tmp_path):
+    """`mmap=True` (the analysis reads a resume state's weights without its AdamW moments)."""
+    state = {"model_state": {"w": torch.randn(4, 3), "b": torch.arange(5)}, "optimizer": {"m": torch.randn(7)}}
+    path = tmp_path / "s.pt"
+    info = ckio.atomic_save(state, path)
+    mapped = ckio.load(path, info["sha256"], mmap=True)
+    for k, v in state["model_state"].items():
+        assert torch.equal(mapped["model_state"][k], v)
+    assert torch.equal(mapped["optimizer"]["m"], state["optimizer"]["m"])

@@ -245,8 +245,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely (`weights_only=True`), optionally verifying its checksum."""
+def load(path: str | Path, expected_sha256: str | None = None, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint safely (`weights_only=True`), optionally verifying its checksum. With
+    `mmap` the tensors stay in the file, read in only when used (a resume state's AdamW moments,
+    twice the model, need not enter memory to read its weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}")
@@ -260,7 +262,7 @@ def load(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the error below says it
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {path}: it holds pickled Python objects{_what_pickled(str(exc))}, not "
