@@ -48,7 +48,7 @@ def crossover_command(args) -> int:
     if not entries:
         raise ckio.CheckpointError(f"run {paths.run_id} has no snapshot left in {paths.checkpoints}")
     newest = max(entries, key=lambda e: e["epoch"])
-    cfg = Config.from_dict(ckio.load(newest["path"], newest.get("sha256"))["config"])
+    cfg = Config.from_dict(ckio.load(newest["path"], newest.get("sha256"), mmap=True)["config"])
     cfg.output_dir, cfg.train.device = str(root), args.device
     for a in args.set:
         k, v = parse_assignment(a)

@@ -193,7 +193,7 @@ def check_checkpoints(cfg: Config) -> tuple[str, str]:
     bad = []
     for e in present:
         try:
-            ckio.load(e["path"], e.get("sha256"))
+            ckio.load(e["path"], e.get("sha256"), mmap=True)  # checked and parsed, not read into memory
         except ckio.CheckpointError as exc:
             bad.append(str(exc))
     if bad:

@@ -16,7 +16,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
     `weights="ema"` takes the EMA weights of a resume state instead of the raw ones.
     """
-    ckpt = ckio.load(path)
+    ckpt = ckio.load(path, mmap=True)  # of a resume state only the weights are read in
     if "config" not in ckpt:
         raise ckio.CheckpointError(f"{path} carries no config: cannot rebuild the model")
     cfg = Config.from_dict(ckpt["config"])
