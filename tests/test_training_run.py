@@ -13,22 +13,30 @@ from helpers import newest_state, run, tiny_config
 
 def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_path, monkeypatch):
     import gc
+    import weakref
 
     import redheart.analysis
-    from redheart.train.trainer import Trainer
+    import redheart.run
 
-    live = []  # Trainer objects alive when the analysis starts: the training state held in memory
-    original = redheart.analysis.run_crossover
+    made, live = [], []  # this run's Trainer (weakly), and whether it is alive when the analysis starts
 
-    def counting(*args, **kwargs):
+    def making(*args, **kwargs):
+        trainer = redheart.run.__dict__["_Trainer"](*args, **kwargs)
+        made.append(weakref.ref(trainer))
+        return trainer
+
+    def checking(*args, **kwargs):
         gc.collect()
-        live.append(sum(isinstance(o, Trainer) for o in gc.get_objects()))
+        live.append([ref() is not None for ref in made])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(redheart.analysis, "run_crossover", counting)
+    original = redheart.analysis.run_crossover
+    monkeypatch.setitem(redheart.run.__dict__, "_Trainer", redheart.run.Trainer)
+    monkeypatch.setattr(redheart.run, "Trainer", making)
+    monkeypatch.setattr(redheart.analysis, "run_crossover", checking)
     cfg = tiny_config(tmp_path, train__epochs=2, train__save_every=1)
     assert run(cfg) == 0
-    assert live == [0]  # released before the analysis (an 800M model's 16 GB on the CPU)
+    assert live == [[False]]  # released before the analysis (an 800M model's 16 GB on the CPU)
     state = newest_state(tmp_path)
     hist = state["history"]
     assert [r["epoch"] for r in hist] == [1, 2]
