@@ -267,6 +267,11 @@ def main() -> int:
         if state_file is not None and state_file.exists():
             state_file.unlink()  # done: the next call starts afresh
         timed = steps[max(n_warm, start):]
+        # an epoch's last step is short: with compiled layers, a new shape to compile inside the window
+        short = sum(len(s) < cfg.effective_batch for s in timed)
+        if short:
+            print(f"{name}: note: {short} timed step(s) smaller than the effective batch (an epoch's last "
+                  f"step): with compiled layers a recompile may fall inside the timing", flush=True)
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
@@ -280,7 +285,8 @@ def main() -> int:
              "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
              "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap,
              # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
-             "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0}
+             "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0,
+             "short_steps_timed": short}
         if inductor:
             r["inductor"] = inductor
         if args.profile:

@@ -43,6 +43,9 @@ def test_a_curve_saved_and_continued_equals_the_uninterrupted_curve(tmp_path, ca
     assert len(set(whole)) > 1
     doc = json.loads((tmp_path / "part2.json").read_text())
     assert doc["results"][0]["losses"] == whole  # the second call reports the whole curve
+    # 46 training texts in steps of 8: the sixth step is short, and the whole run says so
+    doc = json.loads((tmp_path / "whole.json").read_text())
+    assert doc["results"][0]["short_steps_timed"] == 1
 
 
 def test_compare_curves_prints_per_range_and_window_differences(tmp_path, capsys):
