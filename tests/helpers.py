@@ -35,6 +35,11 @@ def run(cfg: Config, **opts) -> int:
     return train(cfg, RunOptions(**opts))
 
 
+def read_log(out: Path) -> str:
+    """The training log(s) of the run under `out`, in order."""
+    return "".join(p.read_text() for p in sorted((out / "logs").glob("training_*.log")))
+
+
 def newest_state(root: Path) -> dict:
     entries = read_registry(Path(root))
     assert entries, f"no resume state under {root}"

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, newest_state, run, same_tensors, tiny_config
+from helpers import ROOT, newest_state, read_log, run, same_tensors, tiny_config
 from redheart.ckpt import io as ckio
 from redheart.ckpt.state import find_resume_state, read_registry
 
@@ -139,10 +139,6 @@ def resume_here(out: Path) -> int:
     """`--resume latest` in this process: the function the CLI calls, without a new process's
     start-up (the end-to-end CLI resume is in the SIGTERM scenario)."""
     return run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False)
-
-
-def read_log(out: Path) -> str:
-    return "".join(p.read_text() for p in sorted((out / "logs").glob("training_*.log")))
 
 
 def temp_files(root: Path) -> list[Path]:

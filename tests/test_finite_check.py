@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from helpers import newest_state, run, same_tensors, tiny_config
+from helpers import newest_state, read_log, run, same_tensors, tiny_config
 
 COMMON = dict(data__max_records=60, train__epochs=2, train__grad_accum=4, train__device="cpu",
               train__log_every=1000, crossover__enabled=False)
-
-
-def _log(out) -> str:
-    return "".join(p.read_text() for p in sorted((out / "logs").glob("training_*.log")))
 
 
 def _same_states(a: dict, b: dict) -> None:
@@ -37,7 +33,7 @@ def test_deferred_checks_end_where_synchronous_ones_do_with_bad_steps_skipped(tm
         out = tmp_path / mode
         assert run(tiny_config(out, **COMMON, train__finite_check=mode), analysis=False, faults=faults) == 0
         states[mode] = newest_state(out)
-        log = _log(out)
+        log = read_log(out)
         assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in log
         assert "step 8: non-finite loss or gradient, update skipped (1 in a row, 2 in all)" in log
     _same_states(states["deferred"], states["sync"])

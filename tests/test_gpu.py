@@ -87,7 +87,7 @@ def test_deferred_finite_checks_on_the_gpu_end_where_synchronous_ones_do(tmp_pat
     """A tiny run on the GPU (CUDA graphs, bf16) with a NaN loss and an Inf gradient: the checks
     left on the device (the default there) skip and count the same steps as synchronous ones,
     and end at the same weights (to float rounding: GPU attention backward is not bit-exact)."""
-    from helpers import newest_state, run, tiny_config
+    from helpers import newest_state, read_log, run, tiny_config
 
     faults = {"nan_at_steps": [3], "inf_grad_at_steps": [8]}
     states, logs = {}, {}
@@ -97,7 +97,7 @@ def test_deferred_finite_checks_on_the_gpu_end_where_synchronous_ones_do(tmp_pat
                           crossover__enabled=False, train__finite_check=mode)
         assert run(cfg, analysis=False, faults=faults) == 0
         states[mode] = newest_state(out)
-        logs[mode] = "".join(p.read_text() for p in (out / "logs").glob("training_*.log"))
+        logs[mode] = read_log(out)
     assert "finite checks deferred" in logs["auto"] and "finite checks deferred" not in logs["sync"]
     for log in logs.values():
         assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in log

@@ -19,9 +19,10 @@ def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_
     import redheart.run
 
     made, live = [], []  # this run's Trainer (weakly), and whether it is alive when the analysis starts
+    trainer_class, original = redheart.run.Trainer, redheart.analysis.run_crossover
 
     def making(*args, **kwargs):
-        trainer = redheart.run.__dict__["_Trainer"](*args, **kwargs)
+        trainer = trainer_class(*args, **kwargs)
         made.append(weakref.ref(trainer))
         return trainer
 
@@ -30,8 +31,6 @@ def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_
         live.append([ref() is not None for ref in made])
         return original(*args, **kwargs)
 
-    original = redheart.analysis.run_crossover
-    monkeypatch.setitem(redheart.run.__dict__, "_Trainer", redheart.run.Trainer)
     monkeypatch.setattr(redheart.run, "Trainer", making)
     monkeypatch.setattr(redheart.analysis, "run_crossover", checking)
     cfg = tiny_config(tmp_path, train__epochs=2, train__save_every=1)
