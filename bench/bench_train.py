@@ -263,6 +263,7 @@ def main() -> int:
             results.append({"name": name, "config": pairs, "stopped_at": len(losses),
                             "losses": [float(x) for x in losses]})
             del trainer
+            set_inductor(restore_inductor)
             continue
         if state_file is not None and state_file.exists():
             state_file.unlink()  # done: the next call starts afresh
