@@ -47,7 +47,7 @@ SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "
          "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
          "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
          "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens",
-         "bf16_weights": "train.bf16_weights", "packing": "train.packing"}
+         "bf16_weights": "train.bf16_weights", "packing": "train.packing", "attention": "train.packed_attention"}
 
 
 def sync(device: torch.device) -> None:

@@ -97,6 +97,11 @@ class TrainConfig:
     # 64 on an H200, R-Drop off, same call: 536.4 against 383.0 samples/s compiled, 461.6
     # against 339.6 eager (bench/RESULTS.md).
     packing: str = "auto"
+    # attention over packed rows: varlen (FlashAttention within each text's segment of the rows,
+    # redheart/model/varlen.py) or padded (back to one row per text and a key-padding mask,
+    # then packed again); auto: varlen where it runs (GPU of compute capability 8.0+, bf16 or
+    # fp16 autocast) unless CUDA graphs replay the steps
+    packed_attention: str = "auto"
     # where a step's finite check (skip the update on a NaN/Inf loss or gradient) is decided:
     # "deferred" leaves it on the device (fused AdamW skips its update there) and reads it while
     # the next step's work is queued, so the host never waits for the GPU inside a step; the
@@ -395,6 +400,8 @@ def _validate(cfg: Config) -> None:
     _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
     _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
     _check(t.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", t.packing)
+    _check(t.packed_attention in ("auto", "varlen", "padded"), "train.packed_attention", "auto, varlen or padded",
+           t.packed_attention)
     _check(t.finite_check in ("auto", "sync", "deferred"), "train.finite_check", "auto, sync or deferred",
            t.finite_check)
     _check(t.grad_reduce in ("fp32", "bf16"), "train.grad_reduce", "fp32 or bf16", t.grad_reduce)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,18 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     full_env.pop("SAMPLES", None) if env is None or "SAMPLES" not in env else None
     return subprocess.run([sys.executable, "-m", "redheart", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def mixed_lengths_data(write_file) -> str:
+    """Texts of 4 to about 120 tokens, like the public corpus's comments beside its posts."""
+    rng = random.Random(0)
+    words = "I lent my car to a friend and he crashed it then said nothing for weeks".split()
+    recs = []
+    for i in range(80):
+        n = rng.choice([rng.randint(3, 8), rng.randint(60, 110)])
+        emo = [0.0] * 7
+        emo[i % 7] = 1.0
+        recs.append({"id": f"t{i}", "text": " ".join(rng.choice(words) for _ in range(n)), "emotion": emo,
+                     "bentham": [rng.random() for _ in range(10)], "regret": rng.random(),
+                     "surd": [0.25, 0.25, 0.25, 0.25]})
+    return str(write_file("mixed.jsonl", recs))

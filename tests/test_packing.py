@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from helpers import newest_state, run, tiny_config
-from redheart.config import preset
+from helpers import mixed_lengths_data, newest_state, run, tiny_config
+from redheart.config import ConfigError, build_config, preset
 from redheart.model.network import RedHeartNet
 from redheart.model.packing import first_fit, plan
-from redheart.train.trainer import use_packing
+from redheart.train.trainer import use_packing, use_varlen_attention
 
 CPU = torch.device("cpu")
 
@@ -62,6 +62,38 @@ def test_rows_made_up_for_cuda_graphs_add_empty_rows_only(seed):
     assert plan([7, 7, 7], CPU, rows_multiple=2).rows == 3  # always a plan, never more rows than texts
 
 
+@pytest.mark.parametrize("rows_multiple", [0, 4])
+@pytest.mark.parametrize("seed", range(3))
+def test_segments_hold_each_text_alone_and_the_free_slots_apart(seed, rows_multiple):
+    """Variable-length attention attends within segments: each text must be exactly one segment
+    (else texts would see each other or lose part of themselves), and every other slot must lie
+    in a segment of free slots only (else the kernel would leave it unwritten)."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 12), rng.randint(40, 64)]) for _ in range(rng.randint(3, 40))]
+    p = plan(lengths, CPU, width=64, rows_multiple=rows_multiple, segments=True)
+    if p is None:
+        return
+    cu = p.cu.tolist()
+    assert p.cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == p.rows * 64
+    assert all(a < b for a, b in zip(cu, cu[1:]))
+    assert all(any(a == r * 64 for a in cu) for r in range(p.rows))  # no segment crosses a row
+    slot_text = {}
+    for text, n in enumerate(lengths):
+        for t in range(n):
+            slot_text[p.index.tolist().index(text * 64 + t)] = text
+    texts_seen = set()
+    for a, b in zip(cu, cu[1:]):
+        owners = {slot_text.get(s) for s in range(a, b)}
+        assert len(owners) == 1, (a, b, owners)  # one text, or free slots only
+        (owner,) = owners
+        if owner is not None:
+            assert b - a == lengths[owner] and owner not in texts_seen
+            texts_seen.add(owner)
+    assert texts_seen == set(range(len(lengths)))
+    assert plan(lengths, CPU, width=64, rows_multiple=rows_multiple) is None or \
+        plan(lengths, CPU, width=64, rows_multiple=rows_multiple).cu is None  # only when asked for
+
+
 def test_nothing_to_pack_keeps_the_padded_layout():
     assert plan([7, 7, 7], CPU) is None
     assert plan([5], CPU) is None
@@ -99,27 +131,12 @@ def test_packed_outputs_and_gradients_equal_the_padded():
         net(torch.nn.functional.pad(x, (0, 0, 0, 1)), torch.nn.functional.pad(keep, (0, 1)), True, packing)
 
 
-def _mixed_lengths_data(write_file) -> str:
-    """Texts of 4 to about 120 tokens, like the public corpus's comments beside its posts."""
-    rng = random.Random(0)
-    words = "I lent my car to a friend and he crashed it then said nothing for weeks".split()
-    recs = []
-    for i in range(80):
-        n = rng.choice([rng.randint(3, 8), rng.randint(60, 110)])
-        emo = [0.0] * 7
-        emo[i % 7] = 1.0
-        recs.append({"id": f"t{i}", "text": " ".join(rng.choice(words) for _ in range(n)), "emotion": emo,
-                     "bentham": [rng.random() for _ in range(10)], "regret": rng.random(),
-                     "surd": [0.25, 0.25, 0.25, 0.25]})
-    return str(write_file("mixed.jsonl", recs))
-
-
 def test_training_with_packing_ends_at_the_padded_runs_weights(tmp_path, write_file):
     """Two epochs of the tiny preset in fp32 with micro-batches of 16 texts of very different
     lengths, R-Drop's doubled batch included (dropout off so both runs compute the same
     function): the weights agree to float rounding, and differ from it (0 would mean the
     packed path never ran)."""
-    common = {"train.epochs": 2, "data.paths": [_mixed_lengths_data(write_file)], "crossover.enabled": False,
+    common = {"train.epochs": 2, "data.paths": [mixed_lengths_data(write_file)], "crossover.enabled": False,
               "model.dropout": 0.0, "train.micro_batch": 16, "train.grad_accum": 1}
     states = {}
     for mode in ("on", "off"):
@@ -130,6 +147,18 @@ def test_training_with_packing_ends_at_the_padded_runs_weights(tmp_path, write_f
     assert 0 < diff < 1e-4, diff
     for x, y in zip(states["on"]["history"], states["off"]["history"]):
         assert abs(x["val"]["loss"] - y["val"]["loss"]) < 1e-5 * abs(x["val"]["loss"])
+
+
+def test_packed_attention_is_varlen_only_where_flash_attention_runs():
+    cfg = preset("730m")
+    assert cfg.train.packed_attention == "auto"
+    assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=False)  # no FlashAttention on a CPU
+    cfg.train.packed_attention = "varlen"
+    with pytest.raises(ValueError, match="train.packed_attention=varlen: .* here cpu, bfloat16"):
+        use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=False)
+    assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=True)  # graphs replay fixed shapes
+    with pytest.raises(ConfigError, match="train.packed_attention: auto, varlen or padded"):
+        build_config("tiny", assignments=["train.packed_attention=sideways"])
 
 
 def test_auto_the_default_packs_large_micro_batches_only():

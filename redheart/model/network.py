@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from redheart.config import ModelConfig
 from redheart.model.lowp import Linear
 from redheart.model.packing import Packing, pack, unpack
+from redheart.model.varlen import varlen_attention
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
 
@@ -27,14 +28,19 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+                index: torch.Tensor | None = None, cu: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
+        dropout = self.dropout if self.training else 0.0
+        if cu is not None:  # packed rows: attention within each text's segment (varlen.py)
+            rows, width, h = x.shape
+            q, k, v = qkv.view(rows * width, 3, self.heads, h // self.heads).unbind(1)
+            return self.out(varlen_attention(q, k, v, cu, width, dropout).view(rows, width, h))
         if index is not None:  # packed rows: attention runs in the padded layout (packing.py)
             qkv = unpack(qkv, index, attn_mask.shape[0], attn_mask.shape[-1])
         b, n, h = qkv.shape[0], qkv.shape[1], x.shape[-1]
         q, k, v = qkv.view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout
         ).transpose(1, 2).reshape(b, n, h)
         if index is not None:
             y = pack(y, index, x.shape[0], x.shape[1])
@@ -54,8 +60,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask, index))
+                index: torch.Tensor | None = None, cu: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask, index, cu))
         return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.ln2(x))))))
 
 
@@ -69,12 +75,12 @@ class Stack(nn.Module):
         self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+                index: torch.Tensor | None = None, cu: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attn_mask, index, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, index, cu, use_reentrant=False)
             else:
-                x = layer(x, attn_mask, index)
+                x = layer(x, attn_mask, index, cu)
         return x
 
 
@@ -86,8 +92,10 @@ class Backbone(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden)
 
     def forward(self, states: torch.Tensor, attn_mask: torch.Tensor | None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-        return self.norm(self.stack(self.proj(states), attn_mask, index))
+                packing: Packing | None = None) -> torch.Tensor:
+        if packing is None:
+            return self.norm(self.stack(self.proj(states), attn_mask))
+        return self.norm(self.stack(self.proj(packing.pack(states)), attn_mask, packing.index, packing.cu))
 
 
 class Tower(nn.Module):
@@ -109,8 +117,10 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: torch.Tensor,
                 packing: Packing | None = None) -> torch.Tensor:
-        x = self.norm(self.stack(x, attn_mask, None if packing is None else packing.index))
-        if packing is not None:
+        if packing is None:
+            x = self.norm(self.stack(x, attn_mask))
+        else:
+            x = self.norm(self.stack(x, attn_mask, packing.index, packing.cu))
             x = packing.unpack(x)  # each text's tokens back in its own row for the pooling
         scores = self.pool(x).squeeze(-1).float().masked_fill(~keep, float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(x.dtype)
@@ -154,9 +164,7 @@ class RedHeartNet(nn.Module):
         if padded is None:
             padded = not bool(keep.all())
         attn_mask = keep[:, None, None, :] if padded or packing is not None else None
-        if packing is not None:
-            states = packing.pack(states)
-        x = self.backbone(states, attn_mask, None if packing is None else packing.index)
+        x = self.backbone(states, attn_mask, packing)
         return {
             "emotion": self.emotion(x, attn_mask, keep, packing),
             "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep, packing).float()),

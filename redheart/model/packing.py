@@ -4,11 +4,12 @@ Padded, every text of a micro-batch is as long as its longest: on the public cor
 Scruples posts beside 20-token GoEmotions comments) half the tokens of a random micro-batch of
 64 are padding, and every layer computes them. Packed, the texts fill rows as wide as the
 longest text, first fit by decreasing length, and the token-wise work (the projections, the
-MLPs, the norms: nearly all the FLOPs) runs on the rows. Attention alone goes back to the
-padded layout for its few kernels (`unpack`, the usual key-padding mask, `pack`): attention
-over packed rows with a block-diagonal mask ran slower than padding on an H200 (245.6 against
-338.3 samples/s, micro-batch 64, eager; not profiled, the dense mask the likely cause), and
-variable-length flash attention has no dropout.
+MLPs, the norms: nearly all the FLOPs) runs on the rows. Attention runs on the rows too where
+FlashAttention's variable-length kernels run (redheart/model/varlen.py: each text a segment of
+the flat token list, `segments`); elsewhere it goes back to the padded layout for its few
+kernels (`unpack`, the usual key-padding mask, `pack`). Attention over packed rows with a
+block-diagonal mask ran slower than padding on an H200 (245.6 against 338.3 samples/s,
+micro-batch 64, eager; the dense mask the likely cause).
 The network has no position embeddings (positions live in the frozen encoder's states), so
 packed and padded passes agree to float rounding, and the texts of a step still mix in any
 proportion (grouping steps by length would group them by source corpus here).
@@ -47,6 +48,9 @@ class Packing:
     batch: int
     rows: int
     width: int
+    # with `segments`: int32 offsets of the segments of the flat slots (each text, and each
+    # row's free tail), for variable-length attention within them
+    cu: torch.Tensor | None = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.width:
@@ -75,11 +79,13 @@ def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple: int = 0) -> Packing | None:
+def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple: int = 0,
+         segments: bool = False) -> Packing | None:
     """The packing of texts with these lengths, padded to `width` (default: their maximum), or
     None where packing saves nothing (every row would hold one text: no padding to remove).
     With `rows_multiple` (CUDA graphs, which replay fixed shapes) the rows are made up with empty
-    ones to a multiple of it, at most one row per text, and there is always a plan."""
+    ones to a multiple of it, at most one row per text, and there is always a plan. With
+    `segments`, the offsets of the texts and of the rows' free tails (`Packing.cu`)."""
     width = width or max(lengths)
     rows = first_fit(lengths, width)
     n_rows, lens = len(rows), np.asarray(lengths)
@@ -89,21 +95,27 @@ def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple
         return None
     index = np.empty(n_rows * width, dtype=np.int64)
     filled = np.zeros(n_rows * width, dtype=bool)
-    for r, texts in enumerate(rows):
+    seg = [0]  # segment ends: each text, then the row's free tail (and each made-up row) whole
+    for r in range(n_rows):
         at = r * width
-        for i in texts:
+        for i in rows[r] if r < len(rows) else ():
             index[at:at + lens[i]] = np.arange(i * width, i * width + lens[i])
             at += lens[i]
+            seg.append(at)
         filled[r * width:at] = True
+        if at < (r + 1) * width:
+            seg.append((r + 1) * width)
     # a row's free slots (and the empty rows), in order, take distinct padding positions of the
     # padded layout: there are enough, as there are no more rows than texts
     padding = np.flatnonzero(np.arange(width)[None, :] >= lens[:, None])
     free = np.flatnonzero(~filled)
     index[free] = padding[:free.size]
     flat = torch.from_numpy(index)
-    if device.type == "cuda":  # one host-to-device copy, not waited for
+    cu = torch.tensor(seg, dtype=torch.int32) if segments else None
+    if device.type == "cuda":  # host-to-device copies, not waited for
         flat = flat.pin_memory().to(device, non_blocking=True)
-    return Packing(flat, len(lengths), n_rows, width)
+        cu = cu.pin_memory().to(device, non_blocking=True) if cu is not None else None
+    return Packing(flat, len(lengths), n_rows, width, cu)
 
 
 def padded_fraction(lengths: list[int]) -> tuple[int, int, int]:

@@ -25,10 +25,10 @@ TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "
 
 
 def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device, width: int = 0,
-                 rows_multiple: int = 0) -> Packing | None:
+                 rows_multiple: int = 0, segments: bool = False) -> Packing | None:
     """The packing of one micro-batch's forward pass (redheart/model/packing.py): R-Drop's
     doubled batch holds every text twice."""
-    return plan(lengths * 2 if tech.rdrop_alpha > 0 else lengths, device, width, rows_multiple)
+    return plan(lengths * 2 if tech.rdrop_alpha > 0 else lengths, device, width, rows_multiple, segments)
 
 
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,

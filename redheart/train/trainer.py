@@ -33,6 +33,7 @@ from redheart.data.pipeline import DataBundle
 from redheart.dist import (LOSS_KEYS, FlatGrads, World, all_objects, any_rank, broadcast, gather_rows, gathered,
                            is_dtensor, is_fsdp, shard_like, shard_model, shard_optimizer_state, sum_scalars,
                            unpack_scalars)
+from redheart.model import varlen
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
 from redheart.model.network import Block, RedHeartNet
@@ -142,6 +143,22 @@ def use_packing(cfg: Config) -> bool:
     345.2 against 485.1 samples/s, bench/RESULTS.md)."""
     mode = cfg.train.packing
     return mode == "on" or (mode == "auto" and cfg.train.micro_batch > 8)
+
+
+def use_varlen_attention(cfg: Config, device: torch.device, dtype: torch.dtype | None, graphs: bool) -> bool:
+    """Packed rows attend within each text's segment where FlashAttention runs: micro-batch 64,
+    compiled, on an H200: see `train.packed_attention`. CUDA graphs keep the padded attention
+    (a graph replays a fixed number of segments)."""
+    mode = cfg.train.packed_attention
+    if mode == "padded" or graphs:
+        return False
+    if varlen.available(device, dtype):
+        return True
+    if mode == "varlen":
+        raise ValueError(f"train.packed_attention=varlen: FlashAttention's variable-length kernels need a GPU of "
+                         f"compute capability 8.0 or newer and bf16/fp16 autocast; here {device}, "
+                         f"{str(dtype).replace('torch.', '') if dtype else 'no autocast'}")
+    return False
 
 
 def detached_copy(tree: Any) -> Any:
@@ -333,9 +350,12 @@ class Trainer:
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
                                             cfg.model.max_tokens, rows_multiple=PACKED_ROWS_MULTIPLE * self.packing)
+        self.varlen = self.packing and use_varlen_attention(cfg, device, self.dtype, self.graphs is not None)
         if self.packing:
-            log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers%s",
-                     " (CUDA graphs: rows made up to a multiple of %d)" % PACKED_ROWS_MULTIPLE if self.graphs else "")
+            log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers%s; "
+                     "attention %s", " (CUDA graphs: rows made up to a multiple of %d)" % PACKED_ROWS_MULTIPLE
+                     if self.graphs else "", "within each text's segment of the rows (FlashAttention varlen)"
+                     if self.varlen else "in the padded layout")
         if cfg.train.compile:
             compile_blocks(self.model)
         self.history: list[dict[str, Any]] = []
@@ -422,7 +442,7 @@ class Trainer:
             if self.graphs is not None:
                 parts = self.graphs(states, keep, tgt, inv, lens)
             else:
-                packing = plan_packing(lens, tech, self.device) if self.packing else None
+                packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
                                            tech, weights, self.dtype, packing=packing)
                 if n >= own:
