@@ -47,7 +47,8 @@ SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "
          "compile": "train.compile", "checkpointing": "model.activation_checkpointing",
          "ema": "tech.ema_decay", "swap": "memory.swap", "cuda_graphs": "train.cuda_graphs",
          "length_group": "data.length_group_steps", "micro_batch_tokens": "train.micro_batch_tokens",
-         "bf16_weights": "train.bf16_weights", "packing": "train.packing", "attention": "train.packed_attention"}
+         "bf16_weights": "train.bf16_weights", "packing": "train.packing", "attention": "train.packed_attention",
+         "wrapper": "train.compile_wrapper"}
 
 
 def sync(device: torch.device) -> None:
@@ -287,7 +288,8 @@ def main() -> int:
              "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap,
              # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
              "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0,
-             "short_steps_timed": short}
+             "short_steps_timed": short,
+             "warmup_s": t0 - t_begin}  # the warm-up steps' wall time, compiling included
         if inductor:
             r["inductor"] = inductor
         if args.profile:

@@ -82,6 +82,12 @@ class TrainConfig:
     auto_micro_batch: bool = False
     micro_batch_tokens: int = 0  # >0: micro-batches of similar length up to this many padded tokens (max micro_batch samples)
     compile: bool = False  # torch.compile each Transformer layer (GPU; pays at large micro-batches)
+    # the code that launches a compiled layer's kernels: cpp (Inductor's C++ wrapper) or python;
+    # auto: cpp on a GPU, where the Python wrapper's per-kernel work bounds a fast step (H200,
+    # micro-batch 64, R-Drop off, alternating in one call: 652.8 and 688.2 against 546.5 and
+    # 543.9 samples/s; R-Drop on, GPU-bound: equal; the first compile on an empty Inductor cache
+    # about 100 s longer, bench/RESULTS.md); python elsewhere (CPU compiles stay short)
+    compile_wrapper: str = "auto"
     cuda_graphs: str = "auto"  # replay forward+backward as CUDA graphs: auto (GPU, micro-batch <= 8) | on | off
     # bf16 copies of the Linear weights cast once per optimizer step, weight gradients summed
     # in fp32 by the GEMM (redheart/model/lowp.py): auto (GPU, bf16 autocast, grad_accum > 1, no
@@ -100,7 +106,8 @@ class TrainConfig:
     # attention over packed rows: varlen (FlashAttention within each text's segment of the rows,
     # redheart/model/varlen.py) or padded (back to one row per text and a key-padding mask,
     # then packed again); auto: varlen where it runs (GPU of compute capability 8.0+, bf16 or
-    # fp16 autocast) unless CUDA graphs replay the steps
+    # fp16 autocast) unless CUDA graphs replay the steps. H200, micro-batch 64 compiled, one
+    # call: R-Drop on 329.1 -> 380.6 samples/s; kernels a step 96.4 -> 81.2 ms (R-Drop off)
     packed_attention: str = "auto"
     # where a step's finite check (skip the update on a NaN/Inf loss or gradient) is decided:
     # "deferred" leaves it on the device (fused AdamW skips its update there) and reads it while
@@ -400,6 +407,8 @@ def _validate(cfg: Config) -> None:
     _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
     _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
     _check(t.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", t.packing)
+    _check(t.compile_wrapper in ("auto", "cpp", "python"), "train.compile_wrapper", "auto, cpp or python",
+           t.compile_wrapper)
     _check(t.packed_attention in ("auto", "varlen", "padded"), "train.packed_attention", "auto, varlen or padded",
            t.packed_attention)
     _check(t.finite_check in ("auto", "sync", "deferred"), "train.finite_check", "auto, sync or deferred",

@@ -42,6 +42,8 @@ def test_round_trip_through_a_dict():
     ("train.nonsense=1", "train.nonsense"),
     ("train.bf16_weights=maybe", "train.bf16_weights"),
     ("train.parallel=zero3", "train.parallel"),
+    ("train.packed_attention=sideways", "train.packed_attention"),
+    ("train.compile_wrapper=java", "train.compile_wrapper"),
 ])
 def test_invalid_values_fail_at_load_naming_the_field(assignment, field):
     with pytest.raises(ConfigError) as err:

@@ -218,9 +218,10 @@ def test_varlen_dropout_is_unbiased_and_its_backward_replays_the_forward_mask():
     assert float((out.float() - plain).abs().mean()) > 0.2 * float(plain.abs().mean())  # dropout did apply
 
 
-def test_compiled_varlen_layers_draw_the_masks_and_gradients_of_eager_ones():
-    """A compiled layer on packed rows (varlen attention and dropout, compile_blocks) against the
-    same layer eager, same seed: same output and same gradients."""
+@pytest.mark.parametrize("cpp_wrapper", [False, True], ids=["python_wrapper", "cpp_wrapper"])
+def test_compiled_varlen_layers_draw_the_masks_and_gradients_of_eager_ones(cpp_wrapper):
+    """A compiled layer on packed rows (varlen attention and dropout, compile_blocks, either
+    wrapper) against the same layer eager, same seed: same output and same gradients."""
     from redheart.model.packing import plan
 
     cfg = preset("tiny")
@@ -241,7 +242,7 @@ def test_compiled_varlen_layers_draw_the_masks_and_gradients_of_eager_ones():
 
     eager, eager_grads = run(7)
     other, other_grads = run(8)
-    compile_blocks(net)
+    compile_blocks(net, cpp_wrapper=cpp_wrapper)
     compiled, compiled_grads = run(7)
     # bf16: compiled kernels fuse and round differently; another seed's masks are far off
     _close(compiled.float(), eager.float(), "compiled vs eager output", rel=2e-2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import mixed_lengths_data, newest_state, run, tiny_config
-from redheart.config import ConfigError, build_config, preset
+from redheart.config import preset
 from redheart.model.network import RedHeartNet
 from redheart.model.packing import first_fit, plan
 from redheart.train.trainer import use_packing, use_varlen_attention
@@ -157,8 +157,6 @@ def test_packed_attention_is_varlen_only_where_flash_attention_runs():
     with pytest.raises(ValueError, match="train.packed_attention=varlen: .* here cpu, bfloat16"):
         use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=False)
     assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=True)  # graphs replay fixed shapes
-    with pytest.raises(ConfigError, match="train.packed_attention: auto, varlen or padded"):
-        build_config("tiny", assignments=["train.packed_attention=sideways"])
 
 
 def test_auto_the_default_packs_large_micro_batches_only():

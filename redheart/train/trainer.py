@@ -179,9 +179,11 @@ def use_bf16_weights(cfg: Config, device: torch.device, dtype: torch.dtype | Non
     return mode == "on" or (device.type == "cuda" and cfg.train.grad_accum > 1 and not cfg.train.compile)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: torch.nn.Module, cpp_wrapper: bool = False) -> None:
     """Regional compilation: each Transformer layer is compiled (they share one compiled code,
-    so compiling costs about one layer's time, not the whole network's)."""
+    so compiling costs about one layer's time, not the whole network's). With `cpp_wrapper`
+    Inductor launches the layer's kernels from generated C++ instead of Python
+    (`train.compile_wrapper`)."""
     import torch._dynamo
 
     from redheart.model.network import Block
@@ -194,6 +196,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
     import torch._inductor.config
 
     torch._inductor.config.fallback_random = True
+    torch._inductor.config.cpp_wrapper = cpp_wrapper
     for m in model.modules():
         if isinstance(m, Block):
             m.compile(dynamic=True)
@@ -357,7 +360,9 @@ class Trainer:
                      if self.graphs else "", "within each text's segment of the rows (FlashAttention varlen)"
                      if self.varlen else "in the padded layout")
         if cfg.train.compile:
-            compile_blocks(self.model)
+            cpp = cfg.train.compile_wrapper == "cpp" or (cfg.train.compile_wrapper == "auto" and device.type == "cuda")
+            compile_blocks(self.model, cpp_wrapper=cpp)
+            log.info("layers compiled (torch.compile, %s wrapper)", "C++" if cpp else "Python")
         self.history: list[dict[str, Any]] = []
         self.epoch_stats = StepStats()
         self.bad_steps_in_row = 0
