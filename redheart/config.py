@@ -411,6 +411,8 @@ def _validate(cfg: Config) -> None:
            t.compile_wrapper)
     _check(t.packed_attention in ("auto", "varlen", "padded"), "train.packed_attention", "auto, varlen or padded",
            t.packed_attention)
+    _check(not (t.packed_attention == "varlen" and t.cuda_graphs == "on"), "train.packed_attention",
+           "varlen is not replayed by CUDA graphs (train.cuda_graphs=on)", t.packed_attention)
     _check(t.finite_check in ("auto", "sync", "deferred"), "train.finite_check", "auto, sync or deferred",
            t.finite_check)
     _check(t.grad_reduce in ("fp32", "bf16"), "train.grad_reduce", "fp32 or bf16", t.grad_reduce)

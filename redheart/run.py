@@ -23,7 +23,7 @@ from redheart.data.importers import LoadedData
 from redheart.runlog import Progress, duration, setup_logging
 from redheart.session import build_session
 from redheart.train import memory
-from redheart.train.trainer import StopFlag, Trainer, TrainingStopped
+from redheart.train.trainer import StopFlag, Trainer, TrainingStopped, preflight
 
 log = logging.getLogger("redheart")
 
@@ -325,6 +325,7 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
     early = logging.handlers.BufferingHandler(10_000)
     log.addHandler(early)
     try:
+        preflight(cfg)
         cfg, paths, state, warm = open_run_everywhere(cfg, opts, world)
     finally:
         log.removeHandler(early)

@@ -106,6 +106,10 @@ def cases(d: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
                                 rf"{q(str(f['malformed.jsonl']))}:2: malformed JSON \(.+\)"),
         "data value out of range": ([*TRAIN, "--data", str(f["range.jsonl"]), *out], {},
                                     rf"{q(str(f['range.jsonl']))}:1: regret: .+"),
+        "varlen attention without a GPU": ([*TRAIN, "--set", "train.packing=on", "--set",
+                                            "train.packed_attention=varlen", *out], {},
+                                           r"train.packed_attention=varlen: FlashAttention's variable-length kernels "
+                                           r"need a GPU .+; here cpu, .+"),
         "resume a missing file": ([*TRAIN, "--resume", str(d / "none.pt"), *out], {},
                                   rf"--resume {q(str(d / 'none.pt'))}: no such checkpoint \(--resume latest takes .+\)"),
         "resume latest with nothing saved": ([*TRAIN, "--resume", "latest", "--output-dir", str(d / "fresh")], {},

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import mixed_lengths_data, newest_state, run, tiny_config
-from redheart.config import preset
+from redheart.config import ConfigError, build_config, preset
 from redheart.model.network import RedHeartNet
 from redheart.model.packing import first_fit, plan
-from redheart.train.trainer import use_packing, use_varlen_attention
+from redheart.train.trainer import use_cuda_graphs, use_packing, use_varlen_attention
 
 CPU = torch.device("cpu")
 
@@ -154,9 +154,18 @@ def test_packed_attention_is_varlen_only_where_flash_attention_runs():
     assert cfg.train.packed_attention == "auto"
     assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=False)  # no FlashAttention on a CPU
     cfg.train.packed_attention = "varlen"
-    with pytest.raises(ValueError, match="train.packed_attention=varlen: .* here cpu, bfloat16"):
+    with pytest.raises(ConfigError, match="train.packed_attention=varlen: .* here cpu, bfloat16"):
         use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=False)
-    assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=True)  # graphs replay fixed shapes
+    cfg.train.packed_attention = "auto"
+    assert not use_varlen_attention(cfg, CPU, torch.bfloat16, graphs=True)  # graphs replay the padded attention
+    # asked for varlen at a small micro-batch: no CUDA graphs by default; both asked for: refused
+    gpu = torch.device("cuda", 0)
+    cfg.train.micro_batch, cfg.train.packing = 2, "on"
+    assert use_cuda_graphs(cfg, gpu)
+    cfg.train.packed_attention = "varlen"
+    assert not use_cuda_graphs(cfg, gpu)
+    with pytest.raises(ConfigError, match="train.packed_attention: varlen is not replayed by CUDA graphs"):
+        build_config("tiny", assignments=["train.packed_attention=varlen", "train.cuda_graphs=on"])
 
 
 def test_auto_the_default_packs_large_micro_batches_only():

@@ -26,7 +26,7 @@ from redheart.ckpt import io as ckio
 from redheart.ckpt.retention import select_deletions
 from redheart.ckpt.sweetspot import pinned_epochs
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
-from redheart.config import HEADS, Config
+from redheart.config import HEADS, Config, ConfigError
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
@@ -128,7 +128,8 @@ def use_cuda_graphs(cfg: Config, device: torch.device) -> bool:
     if device.type != "cuda" or mode == "off":
         return False
     return mode == "on" or (cfg.train.micro_batch <= 8 and not cfg.train.compile
-                            and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0)
+                            and not cfg.model.activation_checkpointing and cfg.train.micro_batch_tokens == 0
+                            and not (cfg.train.packed_attention == "varlen" and use_packing(cfg)))
 
 
 # CUDA graphs replay fixed shapes: packed rows are made up to a multiple of this, so that a few
@@ -148,17 +149,24 @@ def use_packing(cfg: Config) -> bool:
 def use_varlen_attention(cfg: Config, device: torch.device, dtype: torch.dtype | None, graphs: bool) -> bool:
     """Packed rows attend within each text's segment where FlashAttention runs: micro-batch 64,
     compiled, on an H200: see `train.packed_attention`. CUDA graphs keep the padded attention
-    (a graph replays a fixed number of segments)."""
+    (a graph replays a fixed number of segments; asked for both, config validation refuses)."""
     mode = cfg.train.packed_attention
     if mode == "padded" or graphs:
         return False
     if varlen.available(device, dtype):
         return True
     if mode == "varlen":
-        raise ValueError(f"train.packed_attention=varlen: FlashAttention's variable-length kernels need a GPU of "
-                         f"compute capability 8.0 or newer and bf16/fp16 autocast; here {device}, "
-                         f"{str(dtype).replace('torch.', '') if dtype else 'no autocast'}")
+        raise ConfigError(f"train.packed_attention=varlen: FlashAttention's variable-length kernels need a GPU of "
+                          f"compute capability 8.0 or newer and bf16/fp16 autocast; here {device}, "
+                          f"{str(dtype).replace('torch.', '') if dtype else 'no autocast'}")
     return False
+
+
+def preflight(cfg: Config) -> None:
+    """Settings this machine cannot run, refused before a run's folder is made."""
+    device = pick_device(cfg.train.device)
+    if use_packing(cfg) and cfg.train.packed_attention == "varlen":
+        use_varlen_attention(cfg, device, amp_dtype(cfg, device), graphs=False)
 
 
 def detached_copy(tree: Any) -> Any:
