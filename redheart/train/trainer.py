@@ -187,6 +187,13 @@ def use_bf16_weights(cfg: Config, device: torch.device, dtype: torch.dtype | Non
     return mode == "on" or (device.type == "cuda" and cfg.train.grad_accum > 1 and not cfg.train.compile)
 
 
+def use_cpp_wrapper(cfg: Config, device: torch.device) -> bool:
+    """Compiled layers launch their kernels from C++ where the host bounds the step: on a GPU
+    (`train.compile_wrapper`)."""
+    mode = cfg.train.compile_wrapper
+    return mode == "cpp" or (mode == "auto" and device.type == "cuda")
+
+
 def compile_blocks(model: torch.nn.Module, cpp_wrapper: bool = False) -> None:
     """Regional compilation: each Transformer layer is compiled (they share one compiled code,
     so compiling costs about one layer's time, not the whole network's). With `cpp_wrapper`
@@ -363,12 +370,13 @@ class Trainer:
                                             cfg.model.max_tokens, rows_multiple=PACKED_ROWS_MULTIPLE * self.packing)
         self.varlen = self.packing and use_varlen_attention(cfg, device, self.dtype, self.graphs is not None)
         if self.packing:
+            rows = f" (CUDA graphs: rows made up to a multiple of {PACKED_ROWS_MULTIPLE})" if self.graphs else ""
+            attention = ("within each text's segment of the rows (FlashAttention varlen)" if self.varlen
+                         else "in the padded layout")
             log.info("sequence packing on: the texts of a micro-batch share rows in the token-wise layers%s; "
-                     "attention %s", " (CUDA graphs: rows made up to a multiple of %d)" % PACKED_ROWS_MULTIPLE
-                     if self.graphs else "", "within each text's segment of the rows (FlashAttention varlen)"
-                     if self.varlen else "in the padded layout")
+                     "attention %s", rows, attention)
         if cfg.train.compile:
-            cpp = cfg.train.compile_wrapper == "cpp" or (cfg.train.compile_wrapper == "auto" and device.type == "cuda")
+            cpp = use_cpp_wrapper(cfg, device)
             compile_blocks(self.model, cpp_wrapper=cpp)
             log.info("layers compiled (torch.compile, %s wrapper)", "C++" if cpp else "Python")
         self.history: list[dict[str, Any]] = []
