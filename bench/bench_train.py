@@ -169,6 +169,9 @@ def main() -> int:
     p.add_argument("--preset", default="730m")
     p.add_argument("--data", action="append", required=True)
     p.add_argument("--records", type=int, default=2400)
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="train only on texts of at least this many encoder tokens (--min-tokens 256: every "
+                   "text at the 256-token limit, the fixed-length work of bench_plain.py)")
     p.add_argument("--variant", action="append", required=True)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
@@ -193,8 +196,13 @@ def main() -> int:
     base.train.device = device.type
     session = build_session(base.validate())
     lengths = session.data.splits["train"].lengths
+    usable = torch.nonzero(lengths >= args.min_tokens).squeeze(1)  # split indices the steps draw from
+    if len(usable) == 0:
+        raise SystemExit(f"--min-tokens {args.min_tokens}: no training text is that long "
+                         f"(the longest has {int(lengths.max())} tokens)")
     print(f"train split: {len(lengths)} texts, mean {float(lengths.float().mean()):.0f} tokens, "
-          f"max {int(lengths.max())}", flush=True)
+          f"max {int(lengths.max())}" + (f"; {len(usable)} of at least {args.min_tokens} tokens used, mean "
+          f"{float(lengths[usable].float().mean()):.0f}" if args.min_tokens else ""), flush=True)
     results = []
     for spec in args.variant:
         name, pairs = parse_variant(spec)
@@ -218,8 +226,8 @@ def main() -> int:
         trainer = Trainer(cfg, RunPaths(Path("/tmp/bench_run"), "bench"), session.data, session.features, device)
         # after the Trainer (whose compile_blocks sets its own defaults), before the first compile
         restore_inductor = set_inductor(inductor) if inductor or cfg.train.compile else {}
-        plan = epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
-        steps = [plan[i % len(plan)] for i in range(n_warm + n_steps)]
+        plan = epoch_plan(lengths[usable], cfg.effective_batch, cfg.train.seed, 1, cfg.data.length_group_steps)
+        steps = [usable[plan[i % len(plan)]].tolist() for i in range(n_warm + n_steps)]
         losses, start, stopped = [], 0, False
         state_file = Path(args.state_dir) / f"{name}.pt" if args.state_dir else None
         if state_file is not None and state_file.exists():  # continue exactly where the last call stopped

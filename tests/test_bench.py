@@ -78,3 +78,65 @@ def test_an_inductor_setting_holds_for_its_variant_only():
     assert ic.fallback_random is (not before) and previous == {"fallback_random": before}
     bench_train.set_inductor(previous)
     assert ic.fallback_random is before
+
+
+def test_min_tokens_trains_only_on_texts_that_long(tmp_path, capsys, monkeypatch):
+    """`--min-tokens`: the fixed-length work of the plain reference; every timed text is that long."""
+    out = _bench(tmp_path, capsys, monkeypatch, "long", "long:micro_batch=4,grad_accum=1,warmup=0,steps=3",
+                 "--min-tokens", "45")
+    assert "of at least 45 tokens used" in out
+    r = json.loads((tmp_path / "long.json").read_text())["results"][0]
+    assert r["tokens_per_s"] / r["samples_per_s"] >= 45  # mean tokens of the timed texts
+    out = _bench(tmp_path, capsys, monkeypatch, "all", "all:micro_batch=4,grad_accum=1,warmup=0,steps=3")
+    r_all = json.loads((tmp_path / "all.json").read_text())["results"][0]
+    assert r_all["tokens_per_s"] / r_all["samples_per_s"] < 45  # most of the sample's texts are shorter (mean 41)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--preset", "tiny", "--data", str(SAMPLE), "--records", "60",
+                                      "--variant", "x:micro_batch=4", "--min-tokens", "100000"])
+    try:
+        bench_train.main()
+    except SystemExit as exc:
+        assert "--min-tokens 100000: no training text is that long" in str(exc)
+    else:
+        raise AssertionError("a --min-tokens no text reaches must be an error")
+
+
+def _plain():
+    spec = importlib.util.spec_from_file_location("bench_plain", ROOT / "bench" / "bench_plain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plain_reference_is_the_trainer_network_in_size():
+    """bench_plain.py compares with the trainer only if it is the same model: same parameter count,
+    same number of Transformer layers and heads (counted on the meta device: no memory)."""
+    import torch
+
+    from redheart.config import preset
+    from redheart.model.network import Block, RedHeartNet
+
+    plain = _plain()
+    for name in ("tiny", "730m"):
+        cfg = preset(name).model
+        with torch.device("meta"):
+            ours, ref = RedHeartNet(cfg), plain.PlainNet(cfg)
+        assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in ours.parameters())
+        layers = [m for m in ref.modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+        assert len(layers) == sum(isinstance(m, Block) for m in ours.modules()) == cfg.layers + 4 * cfg.tower_layers
+        assert {m.self_attn.num_heads for m in layers} == {cfg.heads}
+
+
+def test_the_plain_reference_trains(tmp_path, capsys, monkeypatch):
+    """A CPU run of bench_plain.py: figures for each variant, accumulation included, and a falling loss."""
+    out = tmp_path / "plain.json"
+    monkeypatch.setattr(sys, "argv", ["bench_plain.py", "--preset", "tiny", "--tokens", "64", "--warmup", "2",
+                                      "--steps", "8", "--variant", "one:micro_batch=4",
+                                      "--variant", "acc:micro_batch=2,grad_accum=2,warmup=1,steps=9", "--out", str(out)])
+    assert _plain().main() == 0
+    assert "| one |" in capsys.readouterr().out
+    one, acc = json.loads(out.read_text())["results"]
+    assert (one["micro_batch"], one["grad_accum"], acc["micro_batch"], acc["grad_accum"]) == (4, 1, 2, 2)
+    for r in (one, acc):
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * 64
+        assert len(r["losses"]) == 10 and r["losses"][-1] < r["losses"][0]
+        assert abs(r["step_s"] * r["samples_per_s"] - 4) < 1e-6  # 4 samples an optimizer step
