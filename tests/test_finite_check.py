@@ -95,3 +95,45 @@ def test_the_synchronous_check_decides_inside_the_step(tmp_path):
     assert not trainer.defers_checks()
     assert trainer.optimizer_step(trainer.accumulate(steps[0])) is True
     assert trainer.scheduler.last_epoch == 1 and trainer.settle() is None
+
+
+def test_the_clip_handed_to_fused_adamw_is_clip_grad_norm(tmp_path):
+    """With a fused AdamW the clipping coefficient goes into the update (`grad_scale`) instead of a
+    pass over the gradients: two steps (unclipped, then clipped) end where clip_grad_norm_ and the
+    unfused AdamW end, and the clip really bit (without it the second step lands far from both).
+    Adam's first step does not depend on the gradients' scale, hence the unclipped first step."""
+    import copy
+
+    trainer, steps = _trainer(tmp_path, "sync")
+    assert all(g.get("fused") for g in trainer.optimizer.param_groups)
+    before = copy.deepcopy(trainer.model)
+    grads, clips = [], (0.0, 0.01)  # clip_norm 0: no clipping
+    for step, clip in zip(steps, clips):
+        trainer.cfg.train.clip_norm = clip
+        parts = trainer.accumulate(step)
+        assert not [h for h, c in trainer._step_counts.items() if c == 0]  # every head takes part
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        assert trainer.apply_update(trainer.optimizer, parts) is True
+        assert getattr(trainer.optimizer, "grad_scale", None) is None  # not left for another step
+    assert float(parts["grad_norm"]) > 10 * clips[1]  # the second step's gradients scaled down over 10x
+
+    def reference(clip: float) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(before)
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        mine = dict(model.named_parameters())
+        opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("params", "fused")},
+                                  "params": [mine[names[id(p)]] for p in g["params"]]}
+                                 for g in trainer.optimizer.param_groups], foreach=False)
+        for g, c in zip(grads, (float("inf"), clip)):
+            for n, p in mine.items():
+                p.grad = g[n].clone() if n in g else None
+            torch.nn.utils.clip_grad_norm_([p for p in mine.values() if p.grad is not None], c)
+            opt.step()
+        return {n: p.detach() for n, p in mine.items()}
+
+    def gap(ref: dict[str, torch.Tensor]) -> float:
+        return max(float((p.detach() - ref[n]).abs().max()) for n, p in trainer.model.named_parameters())
+
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert gap(reference(clips[1])) < 1e-3 * lr  # AdamW moves a weight by about lr a step: this is rounding
+    assert gap(reference(float("inf"))) > 0.1 * lr  # not clipped: the second step goes elsewhere

@@ -577,7 +577,13 @@ class Trainer:
             p.grad = None
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if all(g.get("fused") for g in optimizer.param_groups) and not any(is_dtensor(p) for p in params):
+            # clip_grad_norm_'s coefficient handed to the fused AdamW, which divides the gradients by
+            # it as it reads them (GradScaler's mechanism): one pass over every gradient less
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            optimizer.grad_scale = (clip / (norm + 1e-6)).clamp(max=1.0).reciprocal()
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if is_dtensor(norm):  # under FSDP: the norm over all ranks' shards
             norm = norm.full_tensor()
         loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
@@ -597,6 +603,7 @@ class Trainer:
                 parts.update(totals)
             if finite:
                 optimizer.step()
+        optimizer.grad_scale = None
         for p, g in hidden.items():
             p.grad = g
         self.zero_grad()
