@@ -159,9 +159,10 @@ def main() -> int:
             print(f"{name}: {r['samples_per_s']:.1f} samples/s, MFU {r['mfu']:.1%}, step {r['step_s']:.3f}s, "
                   f"peak {r['peak_gib']:.1f} GiB, {r['params'] / 1e6:.0f}M parameters, warm-up {r['warmup_s']:.1f}s",
                   flush=True)
-        Path(args.out).write_text(json.dumps({"peak_tflops": peak, "device": str(device),
-                                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                              "command": " ".join(sys.argv), "results": results}, indent=1))
+        doc = {"peak_tflops": peak, "preset": args.preset, "tokens": args.tokens, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "command": " ".join(sys.argv), "results": results}
+        Path(args.out).write_text(json.dumps(doc, indent=1))  # after every variant: a cut-off call keeps the others
     print("\n| variant | samples/s | tokens/s | MFU | step s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -577,7 +577,7 @@ class Trainer:
             p.grad = None
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
-        if all(g.get("fused") for g in optimizer.param_groups) and not any(is_dtensor(p) for p in params):
+        if all(g.get("fused") for g in optimizer.param_groups) and not self.fsdp:  # FSDP: DTensor gradients
             # clip_grad_norm_'s coefficient handed to the fused AdamW, which divides the gradients by
             # it as it reads them (GradScaler's mechanism): one pass over every gradient less
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
