@@ -285,8 +285,9 @@ def main() -> int:
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
-        flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, not session.features["train"].cached)
-                    for s in timed)
+        trained = [[h for h, c in trainer.train_data.head_counts(s).items() if c > 0] for s in timed]
+        flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, not session.features["train"].cached, heads)
+                    for s, heads in zip(timed, trained))
         r = {"name": name, "config": pairs, "samples_per_s": samples / seconds, "tokens_per_s": toks / seconds,
              "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
              "step_s": seconds / len(timed),
@@ -297,6 +298,7 @@ def main() -> int:
              # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
              "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0,
              "short_steps_timed": short,
+             "heads_trained": sorted({h for heads in trained for h in heads}),  # with targets in some timed step
              "warmup_s": t0 - t_begin}  # the warm-up steps' wall time, compiling included
         if inductor:
             r["inductor"] = inductor

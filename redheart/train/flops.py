@@ -1,36 +1,59 @@
 """Model FLOPs of a training step, for throughput and MFU (model FLOP utilisation).
 
-Counted from the shapes, not from 6 x params x tokens: the towers' pooling MLPs run once per
-sample, not per token, and attention adds 4 * L^2 * hidden per layer and sample forward.
-A backward pass costs twice the forward. The frozen encoder's forward is counted when it
-runs (not when its states come from the cache).
+Counted from the shapes, part by part, as they run: the Transformer layers and the towers'
+pooling per token (attention adds 4 * L^2 * hidden per layer and text), the towers' output
+MLPs per text. A backward costs twice its forward, except the input projection's (no gradient
+flows into the frozen encoder: the weight gradient alone, once its forward) and a tower whose
+head has no targets in the step, which gets no gradient and runs no backward (on the public
+corpus SURD never has targets, and Scruples texts no emotion). The frozen encoder's forward is
+counted when it runs (not when its states come from the cache). A test checks the count
+against torch.utils.flop_counter on a real step.
 """
 from __future__ import annotations
 
-
+from collections.abc import Iterable
 
 import torch
 
 from redheart.config import ModelConfig
+from redheart.model.network import HEAD_SIZES
 
 ENCODER = {"params_per_token": 21.3e6, "layers": 6, "hidden": 384}  # all-MiniLM-L6-v2 without embeddings
 
 
+def _layers(cfg: ModelConfig, n_layers: int, lengths: list[int]) -> float:
+    """Forward FLOPs of `n_layers` Transformer layers over texts of these token lengths."""
+    h, f = cfg.hidden, cfg.ffn_mult * cfg.hidden
+    per_token = 2 * (4 * h * h + 2 * h * f)  # qkv + out projections, and the MLP
+    return n_layers * (per_token * sum(lengths) + sum(4 * n * n * h for n in lengths))
+
+
+def _projection(cfg: ModelConfig, lengths: list[int]) -> float:
+    return 2 * cfg.encoder_dim * cfg.hidden * sum(lengths)
+
+
+def tower_flops(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
+    """Forward FLOPs of one tower: its layers, the pooling (scores and weighted sum: 4 * hidden
+    per token) and the output MLP (per text)."""
+    h, m = cfg.hidden, cfg.tower_mlp
+    return (_layers(cfg, cfg.tower_layers, lengths) + 4 * h * sum(lengths)
+            + 2 * (h * m + m * h + h * out_dim) * len(lengths))
+
+
 def forward_flops(cfg: ModelConfig, lengths: list[int]) -> float:
     """Forward FLOPs of the trainable network for samples of the given token lengths."""
-    h, f = cfg.hidden, cfg.ffn_mult * cfg.hidden
-    layer_per_token = 2 * (4 * h * h + 2 * h * f)  # qkv + out projections, and the MLP
-    layers = cfg.layers + 4 * cfg.tower_layers
-    per_token = layers * layer_per_token + 2 * cfg.encoder_dim * h + 4 * 2 * h  # + input projection, pooling scores
-    per_sample = 4 * 2 * (h * cfg.tower_mlp * 2 + h * 8)  # the four output MLPs
-    tokens = sum(lengths)
-    attention = sum(layers * 4 * n * n * h for n in lengths)
-    return per_token * tokens + per_sample * len(lengths) + attention
+    return (_projection(cfg, lengths) + _layers(cfg, cfg.layers, lengths)
+            + sum(tower_flops(cfg, lengths, d) for d in HEAD_SIZES.values()))
 
 
-def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool) -> float:
-    """FLOPs of forward + backward (x3), doubled by R-Drop's second pass, plus the encoder's forward."""
-    flops = 3 * forward_flops(cfg, lengths) * (2 if rdrop else 1)
+def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool,
+                heads: Iterable[str] | None = None) -> float:
+    """FLOPs of the forward and the backward, doubled by R-Drop's second pass, plus the encoder's
+    forward. `heads`: the heads with targets in the step (None: all four)."""
+    trained = set(HEAD_SIZES if heads is None else heads)
+    backward = (_projection(cfg, lengths) + 2 * _layers(cfg, cfg.layers, lengths)
+                + sum(2 * tower_flops(cfg, lengths, d) for name, d in HEAD_SIZES.items() if name in trained))
+    flops = (forward_flops(cfg, lengths) + backward) * (2 if rdrop else 1)
     if encoder_runs:
         flops += sum(2 * ENCODER["params_per_token"] * n + ENCODER["layers"] * 4 * n * n * ENCODER["hidden"]
                      for n in lengths)

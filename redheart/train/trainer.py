@@ -696,7 +696,8 @@ class Trainer:
                 step_lengths = self.train_data.lengths[step]
                 self.epoch_stats.tokens += int(step_lengths.sum())
                 self.epoch_stats.flops += train_flops(cfg.model, step_lengths.tolist(), cfg.tech.rdrop_alpha > 0,
-                                                      not self.features["train"].cached)
+                                                      not self.features["train"].cached,
+                                                      [h for h, c in self._step_counts.items() if c > 0])
                 if cfg.memory.monitor:
                     self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
                 if bar is not None:
