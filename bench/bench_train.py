@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redheart.ckpt import io as ckio  # noqa: E402
 from redheart.ckpt.state import RunPaths  # noqa: E402
-from redheart.config import preset, set_value  # noqa: E402
+from redheart.config import HEADS, preset, set_value  # noqa: E402
 from redheart.data.dataset import epoch_plan, micro_batches  # noqa: E402
 from redheart.model.packing import padded_fraction  # noqa: E402
 from redheart.session import build_session  # noqa: E402
@@ -285,7 +285,7 @@ def main() -> int:
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
-        trained = [[h for h, c in trainer.train_data.head_counts(s).items() if c > 0] for s in timed]
+        trained = [trainer.towers_run(trainer.train_data.head_counts(s)) for s in timed]
         flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, not session.features["train"].cached, heads)
                     for s, heads in zip(timed, trained))
         r = {"name": name, "config": pairs, "samples_per_s": samples / seconds, "tokens_per_s": toks / seconds,
@@ -298,7 +298,7 @@ def main() -> int:
              # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
              "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0,
              "short_steps_timed": short,
-             "heads_trained": sorted({h for heads in trained for h in heads}),  # with targets in some timed step
+             "towers_run": sorted({h for heads in trained for h in (heads or HEADS)}),  # in some timed step
              "warmup_s": t0 - t_begin}  # the warm-up steps' wall time, compiling included
         if inductor:
             r["inductor"] = inductor

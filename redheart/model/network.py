@@ -5,6 +5,7 @@ its state dict; every parameter name starts with its module (`backbone.`, `emoti
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -157,17 +158,22 @@ class RedHeartNet(nn.Module):
 
     def forward(
         self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None,
-        packing: Packing | None = None,
+        packing: Packing | None = None, heads: Collection[str] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`heads`: the towers to run (None: all four); training leaves out the heads without
+        targets in the step, whose outputs nothing would read."""
         # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
         # padded (the collator knows that on the host, so no device sync is needed here).
         if padded is None:
             padded = not bool(keep.all())
         attn_mask = keep[:, None, None, :] if padded or packing is not None else None
         x = self.backbone(states, attn_mask, packing)
-        return {
-            "emotion": self.emotion(x, attn_mask, keep, packing),
-            "bentham": torch.sigmoid(self.bentham(x, attn_mask, keep, packing).float()),
-            "regret": torch.sigmoid(self.regret(x, attn_mask, keep, packing).float()).squeeze(-1),
-            "surd": self.surd(x, attn_mask, keep, packing),
-        }
+        out = {}
+        for name in HEAD_SIZES:  # in this order whatever `heads` holds: the dropout streams stay put
+            if heads is not None and name not in heads:
+                continue
+            y = getattr(self, name)(x, attn_mask, keep, packing)
+            if name in ("bentham", "regret"):  # values in [0, 1]; emotion and surd stay logits
+                y = torch.sigmoid(y.float())
+            out[name] = y.squeeze(-1) if name == "regret" else y
+        return out

@@ -3,11 +3,11 @@
 Counted from the shapes, part by part, as they run: the Transformer layers and the towers'
 pooling per token (attention adds 4 * L^2 * hidden per layer and text), the towers' output
 MLPs per text. A backward costs twice its forward, except the input projection's (no gradient
-flows into the frozen encoder: the weight gradient alone, once its forward) and a tower whose
-head has no targets in the step, which gets no gradient and runs no backward (on the public
-corpus SURD never has targets, and Scruples texts no emotion). The frozen encoder's forward is
-counted when it runs (not when its states come from the cache). A test checks the count
-against torch.utils.flop_counter on a real step.
+flows into the frozen encoder: the weight gradient alone, once its forward). Only the towers
+the step runs count: training leaves out those whose head has no targets in the step (on the
+public corpus SURD never has targets, and Scruples texts no emotion; `Trainer.towers_run`).
+The frozen encoder's forward is counted when it runs (not when its states come from the
+cache). A test checks the count against torch.utils.flop_counter on a real step.
 """
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def forward_flops(cfg: ModelConfig, lengths: list[int]) -> float:
 def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool,
                 heads: Iterable[str] | None = None) -> float:
     """FLOPs of the forward and the backward, doubled by R-Drop's second pass, plus the encoder's
-    forward. `heads`: the heads with targets in the step (None: all four)."""
-    trained = set(HEAD_SIZES if heads is None else heads)
-    backward = (_projection(cfg, lengths) + 2 * _layers(cfg, cfg.layers, lengths)
-                + sum(2 * tower_flops(cfg, lengths, d) for name, d in HEAD_SIZES.items() if name in trained))
-    flops = (forward_flops(cfg, lengths) + backward) * (2 if rdrop else 1)
+    forward. `heads`: the towers the step runs (None: all four; `Trainer.towers_run`)."""
+    run = [d for name, d in HEAD_SIZES.items() if heads is None or name in heads]
+    towers = sum(tower_flops(cfg, lengths, d) for d in run)
+    forward = _projection(cfg, lengths) + _layers(cfg, cfg.layers, lengths) + towers
+    backward = _projection(cfg, lengths) + 2 * _layers(cfg, cfg.layers, lengths) + 2 * towers
+    flops = (forward + backward) * (2 if rdrop else 1)
     if encoder_runs:
         flops += sum(2 * ENCODER["params_per_token"] * n + ENCODER["layers"] * 4 * n * n * ENCODER["hidden"]
                      for n in lengths)

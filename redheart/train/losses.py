@@ -27,13 +27,15 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 def per_item_losses(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
                     smoothing: float, smooth_surd: bool) -> dict[str, torch.Tensor]:
-    """Unreduced, masked losses: emotion/regret/surd per sample, bentham per element."""
-    return {
-        "emotion": masked(soft_cross_entropy(out["emotion"], tgt["emotion"], smoothing), tgt["emotion_mask"]),
-        "bentham": masked((out["bentham"] - tgt["bentham"]).pow(2), tgt["bentham_mask"]),
-        "regret": masked((out["regret"] - tgt["regret"]).pow(2), tgt["regret_mask"]),
-        "surd": masked(soft_cross_entropy(out["surd"], tgt["surd"], smoothing if smooth_surd else 0.0), tgt["surd_mask"]),
+    """Unreduced, masked losses of the heads in `out`: emotion/regret/surd per sample, bentham
+    per element."""
+    loss = {
+        "emotion": lambda o, t: soft_cross_entropy(o, t, smoothing),
+        "bentham": lambda o, t: (o - t).pow(2),
+        "regret": lambda o, t: (o - t).pow(2),
+        "surd": lambda o, t: soft_cross_entropy(o, t, smoothing if smooth_surd else 0.0),
     }
+    return {h: masked(loss[h](out[h], tgt[h]), tgt[f"{h}_mask"]) for h in HEADS if h in out}
 
 
 def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts
     """Weighted sum of the head losses, each normalised by its labelled count in the step."""
     items = per_item_losses(out, tgt, smoothing, smooth_surd)
     parts = {h: items[h].sum() * inv for h, inv in _normalisers(counts).items()}
-    total = sum((weights[h] * parts[h] for h in parts), torch.zeros((), device=out["regret"].device))
+    total = sum((weights[h] * parts[h] for h in parts), torch.zeros((), device=_device(out)))
     return total, parts
 
 
@@ -71,11 +73,12 @@ def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Ten
                       tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor) -> torch.Tensor:
     """R-Drop's term between two dropout passes: symmetric KL for the distributions, MSE for
     the regressions, masked and normalised like the task losses."""
-    items = {
-        "emotion": masked(symmetric_kl(out_a["emotion"], out_b["emotion"]), tgt["emotion_mask"]),
-        "bentham": masked((out_a["bentham"] - out_b["bentham"]).pow(2), tgt["bentham_mask"]),
-        "regret": masked((out_a["regret"] - out_b["regret"]).pow(2), tgt["regret_mask"]),
-        "surd": masked(symmetric_kl(out_a["surd"], out_b["surd"]), tgt["surd_mask"]),
-    }
+    term = {"emotion": symmetric_kl, "bentham": lambda a, b: (a - b).pow(2),
+            "regret": lambda a, b: (a - b).pow(2), "surd": symmetric_kl}
+    items = {h: masked(term[h](out_a[h], out_b[h]), tgt[f"{h}_mask"]) for h in HEADS if h in out_a}
     return sum((items[h].sum() * inv for h, inv in _normalisers(counts).items()),
-               torch.zeros((), device=out_a["regret"].device))
+               torch.zeros((), device=_device(out_a)))
+
+
+def _device(out: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(out.values())).device

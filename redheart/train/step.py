@@ -34,15 +34,17 @@ def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,
                  tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor, tech: TechniqueConfig,
                  weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True,
-                 packing: Packing | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 packing: Packing | None = None, heads: list[str] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one micro-batch and its components (detached, fp32). With a
-    `packing` (`plan_packing`) the layers run on the texts packed into rows."""
+    `packing` (`plan_packing`) the layers run on the texts packed into rows; with `heads`, only
+    those towers (the heads with targets in the step: the others' losses would be left out)."""
     with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
                         cache_enabled=cache):
         if tech.rdrop_alpha > 0:
             # R-Drop: one forward over the doubled batch = two passes with independent dropout.
             b = states.shape[0]
-            out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded, packing)
+            out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded, packing, heads)
             out_a = {k: v[:b] for k, v in out.items()}
             out_b = {k: v[b:] for k, v in out.items()}
             la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
@@ -53,7 +55,7 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
             parts = {h: 0.5 * (pa[h] + pb[h]) for h in pa}
             parts["rdrop"] = cons
         else:
-            out = model(states, keep, padded, packing)
+            out = model(states, keep, padded, packing, heads)
             loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
             task = loss
     parts = {**parts, "task": task, "loss": loss}

@@ -465,7 +465,7 @@ class Trainer:
             else:
                 packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype, packing=packing)
+                                           tech, weights, self.dtype, packing=packing, heads=self.towers_run(counts))
                 if n >= own:
                     (loss * 0.0).backward()
                     continue
@@ -473,6 +473,15 @@ class Trainer:
             for k, v in parts.items():
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
         return parts_sum
+
+    def towers_run(self, counts: dict[str, int]) -> list[str] | None:
+        """The towers a training step runs (None: all four). Without CUDA graphs, the heads with
+        targets in the step: another head's loss is left out (losses.py), so its tower's forward
+        would be wasted and it runs no backward. A CUDA graph runs all four, fixed shapes and
+        control flow, with zero weights for the heads without targets."""
+        if self.graphs is not None:
+            return None
+        return [h for h, c in counts.items() if c > 0] or None
 
     @property
     def checkpointing(self) -> bool:
@@ -697,7 +706,7 @@ class Trainer:
                 self.epoch_stats.tokens += int(step_lengths.sum())
                 self.epoch_stats.flops += train_flops(cfg.model, step_lengths.tolist(), cfg.tech.rdrop_alpha > 0,
                                                       not self.features["train"].cached,
-                                                      [h for h, c in self._step_counts.items() if c > 0])
+                                                      self.towers_run(self._step_counts))
                 if cfg.memory.monitor:
                     self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
                 if bar is not None:
