@@ -53,8 +53,15 @@ def test_two_gloo_processes_equal_one_process(single, tmp_path):
     assert "launching 2 processes" in two.stderr
     a, b = single, newest_state(tmp_path / "two")
     assert_same_weights(a, b)
+    from redheart.config import Config
+    from redheart.model.network import RedHeartNet
+
+    cfg = Config.from_dict(a["config"])
+    torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, on the CPU as in these runs
+    init = RedHeartNet(cfg.model).state_dict()
     surd = [k for k in a["model_state"] if k.startswith("surd.")]
-    assert surd and all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in surd)  # left alone in both
+    assert surd and all(torch.equal(s["model_state"][k], init[k]) for s in (a, b) for k in surd)  # left alone
+    assert not torch.equal(a["model_state"]["emotion.norm.weight"], init["emotion.norm.weight"])  # trained
     assert len(b["rng_ranks"]) == 2  # every rank's streams are in the resume state
     for ra, rb in zip(a["history"], b["history"]):  # validation reduced across ranks = single process
         assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4
