@@ -32,7 +32,7 @@ def _projection(cfg: ModelConfig, lengths: list[int]) -> float:
     return 2 * cfg.encoder_dim * cfg.hidden * sum(lengths)
 
 
-def tower_flops(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
+def _tower(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
     """Forward FLOPs of one tower: its layers, the pooling (scores and weighted sum: 4 * hidden
     per token) and the output MLP (per text)."""
     h, m = cfg.hidden, cfg.tower_mlp
@@ -40,20 +40,14 @@ def tower_flops(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
             + 2 * (h * m + m * h + h * out_dim) * len(lengths))
 
 
-def forward_flops(cfg: ModelConfig, lengths: list[int]) -> float:
-    """Forward FLOPs of the trainable network for samples of the given token lengths."""
-    return (_projection(cfg, lengths) + _layers(cfg, cfg.layers, lengths)
-            + sum(tower_flops(cfg, lengths, d) for d in HEAD_SIZES.values()))
-
-
 def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool,
                 heads: Iterable[str] | None = None) -> float:
     """FLOPs of the forward and the backward, doubled by R-Drop's second pass, plus the encoder's
     forward. `heads`: the towers the step runs (None: all four; `Trainer.towers_run`)."""
-    run = [d for name, d in HEAD_SIZES.items() if heads is None or name in heads]
-    towers = sum(tower_flops(cfg, lengths, d) for d in run)
-    forward = _projection(cfg, lengths) + _layers(cfg, cfg.layers, lengths) + towers
-    backward = _projection(cfg, lengths) + 2 * _layers(cfg, cfg.layers, lengths) + 2 * towers
+    projection, backbone = _projection(cfg, lengths), _layers(cfg, cfg.layers, lengths)
+    towers = sum(_tower(cfg, lengths, d) for name, d in HEAD_SIZES.items() if heads is None or name in heads)
+    forward = projection + backbone + towers
+    backward = projection + 2 * (backbone + towers)  # the projection: its weight gradient alone
     flops = (forward + backward) * (2 if rdrop else 1)
     if encoder_runs:
         flops += sum(2 * ENCODER["params_per_token"] * n + ENCODER["layers"] * 4 * n * n * ENCODER["hidden"]

@@ -441,6 +441,7 @@ class Trainer:
         tech, weights = self.cfg.tech, self.cfg.train.head_weights
         source, lengths = self.features["train"], self.train_data.lengths
         inv = inverse_counts(counts, self.device) if self.graphs is not None else None
+        heads = self.towers_run(counts)
         if self.lowp is not None:
             self.lowp.refresh()  # the weights of this step, cast once
         # One host-to-device copy of every index of the step; micro-batches slice it on the device.
@@ -465,7 +466,7 @@ class Trainer:
             else:
                 packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype, packing=packing, heads=self.towers_run(counts))
+                                           tech, weights, self.dtype, packing=packing, heads=heads)
                 if n >= own:
                     (loss * 0.0).backward()
                     continue
