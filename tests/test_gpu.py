@@ -83,6 +83,42 @@ def test_graphed_micro_steps_give_the_eager_steps_losses_and_gradients(packed, r
         assert len(keys) == 1 and keys[0][2] == 0, keys
 
 
+@pytest.mark.parametrize("rdrop", [0.0, 1.0], ids=["plain", "rdrop"])
+def test_graphs_of_a_subset_of_towers_leave_the_others_out(rdrop):
+    """A step without SURD targets (the public corpus) replays a graph of the other three towers:
+    its losses and gradients are the eager step's with those towers, the SURD tower's gradients
+    stay exactly zero although its inverse count and mask are not, and the set of towers is part
+    of the graph's key (all four towers capture their own graph)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = preset("tiny")
+    cfg.model.dropout, cfg.tech.rdrop_alpha = 0.0, rdrop
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model).cuda().train()
+    weights = cfg.train.head_weights
+    graphs = GraphedMicroSteps(net, cfg.tech, weights, None, cfg.model.max_tokens)
+    heads = ["emotion", "bentham", "regret"]
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    states, keep, tgt, inv = _micro_batch(BATCHES[0], cfg.model.encoder_dim, 0)
+    loss, eager = forward_loss(net, states, keep, True, tgt, inv, cfg.tech, weights, None, heads=heads)
+    loss.backward()
+    del loss
+    expected = _grads(net)
+    torch._foreach_zero_([p.grad for p in net.parameters()])
+    got = graphs(states, keep, tgt, inv, BATCHES[0], heads)
+    assert "surd" not in got and set(got) == set(eager), (sorted(got), sorted(eager))
+    for k in eager:
+        _close(got[k], eager[k], k)
+    for (name, p), e in zip(net.named_parameters(), expected):
+        _close(p.grad, e, name)
+        if name.startswith("surd."):
+            assert not p.grad.any(), name
+    torch._foreach_zero_([p.grad for p in net.parameters()])
+    every = graphs(states, keep, tgt, inv, BATCHES[0])
+    assert "surd" in every and any(p.grad.any() for n, p in net.named_parameters() if n.startswith("surd."))
+    assert sorted(k[3] or () for k in graphs.graphs) == [(), tuple(heads)], sorted(graphs.graphs)
+
+
 def test_deferred_finite_checks_on_the_gpu_end_where_synchronous_ones_do(tmp_path):
     """A tiny run on the GPU (CUDA graphs, bf16) with a NaN loss and an Inf gradient: the checks
     left on the device (the default there) skip and count the same steps as synchronous ones,

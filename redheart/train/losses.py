@@ -47,7 +47,7 @@ def _normalisers(counts: dict[str, int] | torch.Tensor) -> dict[str, float | tor
     """Per head: 1 / labelled count. From a dict of ints (heads with 0 labelled items are left
     out, so they get no gradient at all), or from a tensor of inverse counts in HEADS order
     (0 for an unlabelled head: every head is computed, shapes and control flow are fixed, as
-    a CUDA graph needs)."""
+    a CUDA graph needs). Heads whose outputs were not computed are skipped by the callers."""
     if isinstance(counts, torch.Tensor):
         return {h: counts[i] for i, h in enumerate(HEADS)}
     return {h: 1.0 / counts[h] for h in HEADS if counts[h] > 0}
@@ -58,7 +58,7 @@ def task_loss(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], counts
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the head losses, each normalised by its labelled count in the step."""
     items = per_item_losses(out, tgt, smoothing, smooth_surd)
-    parts = {h: items[h].sum() * inv for h, inv in _normalisers(counts).items()}
+    parts = {h: items[h].sum() * inv for h, inv in _normalisers(counts).items() if h in items}
     total = sum((weights[h] * parts[h] for h in parts), torch.zeros((), device=_device(out)))
     return total, parts
 
@@ -76,7 +76,7 @@ def rdrop_consistency(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Ten
     term = {"emotion": symmetric_kl, "bentham": lambda a, b: (a - b).pow(2),
             "regret": lambda a, b: (a - b).pow(2), "surd": symmetric_kl}
     items = {h: masked(term[h](out_a[h], out_b[h]), tgt[f"{h}_mask"]) for h in HEADS if h in out_a}
-    return sum((items[h].sum() * inv for h, inv in _normalisers(counts).items()),
+    return sum((items[h].sum() * inv for h, inv in _normalisers(counts).items() if h in items),
                torch.zeros((), device=_device(out_a)))
 
 

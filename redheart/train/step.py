@@ -77,11 +77,12 @@ class _Graph:
     inv: torch.Tensor
     packing: Packing | None  # its index is the graph's input, rewritten before each replay
     parts: dict[str, torch.Tensor]
+    heads: tuple[str, ...] | None  # the towers it runs (None: all four)
 
 
 class GraphedMicroSteps:
     """Forward + loss + backward of a micro-batch as CUDA graphs, one per (batch, bucketed
-    length, packed rows). With `rows_multiple` the texts are packed (redheart/model/packing.py)
+    length, packed rows, towers run). With `rows_multiple` the texts are packed (redheart/model/packing.py)
     into a number of rows made up to a multiple of it, so that a few graphs cover every step."""
 
     def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
@@ -96,10 +97,10 @@ class GraphedMicroSteps:
 
     def _run(self, g: _Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return forward_loss(self.model, g.states, g.keep, True, g.targets, g.inv, self.tech, self.weights,
-                            self.dtype, cache=False, packing=g.packing)
+                            self.dtype, cache=False, packing=g.packing, heads=g.heads)
 
-    def _capture(self, b: int, width: int, rows: int, dim: int, states_dtype: torch.dtype,
-                 device: torch.device) -> _Graph:
+    def _capture(self, b: int, width: int, rows: int, heads: tuple[str, ...] | None, dim: int,
+                 states_dtype: torch.dtype, device: torch.device) -> _Graph:
         for p in self.model.parameters():  # backward must accumulate in place, never allocate
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -114,7 +115,7 @@ class GraphedMicroSteps:
         g = _Graph(torch.cuda.CUDAGraph(), torch.randn(b, width, dim, device=device).to(states_dtype),
                    torch.ones(b, width, dtype=torch.bool, device=device),
                    {k: v.to(device) for k, v in tg.items()}, torch.full((len(HEADS),), 1.0 / b, device=device),
-                   packing, {})
+                   packing, {}, heads)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning, compiling)
@@ -132,14 +133,16 @@ class GraphedMicroSteps:
         return g
 
     def __call__(self, states: torch.Tensor, keep: torch.Tensor, tgt: dict[str, torch.Tensor],
-                 inv: torch.Tensor, lengths: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """One micro-batch; `lengths` (the texts' token counts) are needed when packing."""
+                 inv: torch.Tensor, lengths: list[int] | None = None, heads: list[str] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """One micro-batch; `lengths` (the texts' token counts) are needed when packing; `heads`:
+        the towers to run (None: all four), each set its own graphs."""
         b, n, dim = states.shape
         width = self.width(n)
         packing = None
         if self.rows_multiple:
             packing = plan_packing(lengths, self.tech, states.device, width, self.rows_multiple)
-        key = (b, width, packing.rows if packing else 0)
+        key = (b, width, packing.rows if packing else 0, tuple(heads) if heads else None)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key, dim, states.dtype, states.device)
         g = self.graphs[key]

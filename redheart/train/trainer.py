@@ -462,7 +462,7 @@ class Trainer:
                 tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
             start += len(mb)
             if self.graphs is not None:
-                parts = self.graphs(states, keep, tgt, inv, lens)
+                parts = self.graphs(states, keep, tgt, inv, lens, heads)
             else:
                 packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
@@ -476,12 +476,9 @@ class Trainer:
         return parts_sum
 
     def towers_run(self, counts: dict[str, int]) -> list[str] | None:
-        """The towers a training step runs (None: all four). Without CUDA graphs, the heads with
-        targets in the step: another head's loss is left out (losses.py), so its tower's forward
-        would be wasted and it runs no backward. A CUDA graph runs all four, fixed shapes and
-        control flow, with zero weights for the heads without targets."""
-        if self.graphs is not None:
-            return None
+        """The towers a training step runs (None: all four): the heads with targets in the step.
+        Another head's loss is left out (losses.py), so its tower's forward would be wasted and
+        it runs no backward. CUDA graphs are captured per set of towers."""
         return [h for h, c in counts.items() if c > 0] or None
 
     @property
