@@ -308,3 +308,23 @@ def test_training_with_varlen_attention_ends_near_the_padded_attentions_run(tmp_
     assert "attention in the padded layout" in logs["padded"]
     for a, b in zip(losses["varlen"], losses["padded"]):
         assert abs(a - b) <= 0.02 * abs(b), losses
+
+
+def test_the_native_encoder_on_the_gpu_in_bf16_matches_transformers():
+    """The frozen encoder as training runs it on a GPU (bf16, redheart/model/bert.py) against
+    transformers' BertModel in bf16: as close as two bf16 computations of one function get,
+    and both close to the fp32 states."""
+    from redheart.model.encoder import DEFAULT_ENCODER, Encoder, Tokenizer
+
+    texts = ["I lent my car to a friend and he crashed it.", "", "AITA for skipping my sister's wedding?" * 12]
+    ids = Tokenizer(DEFAULT_ENCODER, 128)(texts)
+    n = max(map(len, ids))
+    batch = torch.tensor([x + [0] * (n - len(x)) for x in ids], device="cuda")
+    keep = torch.arange(n, device="cuda")[None, :] < torch.tensor([len(x) for x in ids], device="cuda")[:, None]
+    ref32 = Encoder(DEFAULT_ENCODER, native=False).to("cuda", torch.float32)(batch, keep).float()
+    native = Encoder(DEFAULT_ENCODER).to("cuda", torch.bfloat16)(batch, keep).float()
+    hf = Encoder(DEFAULT_ENCODER, native=False).to("cuda", torch.bfloat16)(batch, keep).float()
+    m = keep[..., None]
+    scale = float(ref32.abs().max())
+    err_native, err_hf = float(((native - ref32).abs() * m).max()), float(((hf - ref32).abs() * m).max())
+    assert err_native <= 2 * err_hf + 1e-3 * scale and err_native < 0.05 * scale, (err_native, err_hf, scale)

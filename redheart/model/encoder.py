@@ -59,38 +59,58 @@ def _quiet_transformers() -> None:
 
 
 class Tokenizer:
-    """The encoder's tokenizer: texts in, token id lists (with [CLS]/[SEP], truncated) out."""
+    """The encoder's tokenizer: texts in, token id lists (with [CLS]/[SEP], truncated) out.
+    From its tokenizer.json through the `tokenizers` library where there is one (fast to
+    load, redheart/model/bert.py), else through transformers; `native=False` forces the latter."""
 
-    def __init__(self, name: str, max_tokens: int):
+    def __init__(self, name: str, max_tokens: int, native: bool = True):
+        path = encoder_dir(name)
+        self.max_tokens = max_tokens
+        self.native = native and (path / "tokenizer.json").is_file()
+        if self.native:
+            from redheart.model.bert import FastTokenizer
+
+            self.tok = FastTokenizer(path, max_tokens)
+            self.pad_id = self.tok.pad_id
+            return
         _quiet_transformers()
         from transformers import AutoTokenizer
 
-        path = encoder_dir(name)
         self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.max_tokens = max_tokens
         self.pad_id = int(self.tok.pad_token_id or 0)
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.native:
+            return self.tok(texts)
         out = self.tok(texts, truncation=True, max_length=self.max_tokens, add_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
 
 
 class Encoder(torch.nn.Module):
-    """Frozen BERT-type encoder: padded token ids and mask in, token states (B, L, D) out."""
+    """Frozen BERT-type encoder: padded token ids and mask in, token states (B, L, D) out. A
+    plain BERT (the default) runs in redheart/model/bert.py, anything else through
+    transformers' AutoModel; `native=False` forces the latter."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, native: bool = True):
         super().__init__()
-        _quiet_transformers()
-        from transformers import AutoModel
+        from redheart.model import bert
 
         path = encoder_dir(name)
         try:
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        except Exception as exc:  # transformers raises many types for a broken directory
+            self.native = native and bert.supports(path)
+            if self.native:
+                self.model = bert.Bert.load(path)
+                self.dim = self.model.dim
+            else:
+                _quiet_transformers()
+                from transformers import AutoModel
+
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+                self.dim = int(self.model.config.hidden_size)
+        except Exception as exc:  # a broken directory raises many types
             raise EncoderError(f"encoder {name!r} at {path} did not load: {exc}") from exc
         self.model.eval()
         self.model.requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size)
 
     def train(self, mode: bool = True) -> "Encoder":
         # Frozen: dropout stays off even when the surrounding code switches to train mode.
@@ -98,5 +118,6 @@ class Encoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=keep.long())
-        return out.last_hidden_state
+        if self.native:
+            return self.model(input_ids, keep)
+        return self.model(input_ids=input_ids, attention_mask=keep.long()).last_hidden_state
