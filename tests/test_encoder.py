@@ -35,7 +35,8 @@ def corpus_texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def encoders():
-    return Encoder(DEFAULT_ENCODER), Encoder(DEFAULT_ENCODER, native=False)
+    # fp32 both (transformers keeps a half-precision checkpoint's dtype; training casts anyway)
+    return Encoder(DEFAULT_ENCODER).float(), Encoder(DEFAULT_ENCODER, native=False).float()
 
 
 @pytest.mark.parametrize("max_tokens", [8, 128, 256])
