@@ -1,9 +1,9 @@
 """A BERT encoder's forward pass in plain PyTorch, for the frozen sentence encoder.
 
-transformers' AutoModel and AutoTokenizer take about 5 s to import and build on a CPU, paid
+transformers' AutoModel and AutoTokenizer take about 4.5 s to import and build on a CPU, paid
 by every process that loads the encoder: each rank of a multi-GPU run, each `predict` call,
 each resume. The encoder is frozen and of one well-known architecture, so this module reads
-its `config.json` and `model.safetensors` directly (about 0.1 s) and runs the same
+its `config.json` and `model.safetensors` directly (about 0.3 s) and runs the same
 computation: embeddings (word + absolute position + token type 0) and LayerNorm, then post-norm
 layers of self-attention and a GELU MLP. The tokenizer is the `tokenizers` library's, from
 the encoder's `tokenizer.json` (the Rust tokenizer transformers itself wraps).

@@ -82,8 +82,9 @@ class _Graph:
 
 class GraphedMicroSteps:
     """Forward + loss + backward of a micro-batch as CUDA graphs, one per (batch, bucketed
-    length, packed rows, towers run). With `rows_multiple` the texts are packed (redheart/model/packing.py)
-    into a number of rows made up to a multiple of it, so that a few graphs cover every step."""
+    length, packed rows, towers run). With `rows_multiple` the texts are packed
+    (redheart/model/packing.py) into a number of rows made up to a multiple of it, so that a
+    few graphs cover every step."""
 
     def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
                  dtype: torch.dtype | None, max_tokens: int, bucket: int = 32, rows_multiple: int = 0):
