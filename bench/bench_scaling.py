@@ -10,6 +10,11 @@ torchrun for N > 1) for two epochs; the figures are the trainer's own for epoch 
 includes CUDA-graph capture and compilation): samples/s over the epoch's training time (the
 validation pass and the checkpoint writes are not in it). Scaling efficiency = samples/s on N
 GPUs / (N x samples/s on one). The effective batch is the same (64) on every N.
+
+With `--profile-step K` every rank profiles global step K (`train.profile_step`) and the table
+ends with each rank's step: its wall time, how busy its GPU was, its kernels by kind
+(communication included). The profiled step is slower than the others and counts in its
+epoch's rate: take the rates from runs without it.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def one_run(n: int, args) -> dict:
             cmd += ["--data", d]
         for s in args.set:
             cmd += ["--set", s]
+        if args.profile_step:  # every rank profiles this step: where a rank's time goes beside the others'
+            cmd += ["--set", f"train.profile_step={args.profile_step}"]
         if n > 1:
             cmd += ["--gpus", str(n)]
         t0 = time.time()
@@ -42,10 +49,13 @@ def one_run(n: int, args) -> dict:
             return {"gpus": n, "error": proc.stderr[-2000:], "wall_s": wall, "command": " ".join(cmd)}
         rec = [json.loads(line) for f in Path(out, "logs").glob("metrics_*.jsonl") for line in f.open()]
         last = rec[-1]
+        found = sorted(Path(out, "logs").glob("profile_step*_rank*.json"))
+        profiles = {f.stem: json.loads(f.read_text()) for f in found}
         return {"gpus": n, "samples_per_s": last["samples_per_s"], "tokens_per_s": last["tokens_per_s"],
                 "epoch_s": last["seconds"], "epoch1_s": rec[0]["seconds"], "samples": last["samples"],
                 "peak_gib": last["memory"].get("peak_gib"), "val_loss": last["val"]["loss"], "wall_s": wall,
-                "command": " ".join(cmd)}
+                "command": " ".join(cmd),
+                "profiles": {k: {m: v for m, v in p.items() if m != "trace"} for k, p in profiles.items()}}
 
 
 def main() -> int:
@@ -56,6 +66,8 @@ def main() -> int:
     p.add_argument("--preset", default="730m")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--profile-step", type=int, default=0,
+                   help="profile this global step on every rank (choose one in epoch 2: past compiling and capture)")
     p.add_argument("--out", default="scaling.json")
     args = p.parse_args()
     rows = []
@@ -73,6 +85,11 @@ def main() -> int:
         eff = r["samples_per_s"] / (r["gpus"] * base) if base else float("nan")
         print(f"{r['gpus']:>4} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['epoch_s']:>8.1f} "
               f"{(r['peak_gib'] or 0):>9.1f} {eff:>10.1%}")
+    for r in rows:  # --profile-step: each rank's profiled step
+        for name, p in r.get("profiles", {}).items():
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
+            print(f"{r['gpus']} GPUs, {name}: {p['wall_ms']:.1f} ms, GPU busy {p['busy']:.0%}, "
+                  f"kernels {p['kernel_ms']:.1f} ms ({kinds})")
     return 0
 
 

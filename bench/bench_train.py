@@ -41,6 +41,7 @@ from redheart.data.dataset import epoch_plan, micro_batches  # noqa: E402
 from redheart.model.packing import padded_fraction  # noqa: E402
 from redheart.session import build_session  # noqa: E402
 from redheart.train.flops import measure_peak_tflops, train_flops  # noqa: E402
+from redheart.train.profile import profiled  # noqa: E402
 from redheart.train.trainer import Trainer  # noqa: E402
 
 SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
@@ -65,67 +66,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, pairs
 
 
-KINDS = (  # first match wins; names of cuBLAS/cuDNN/Triton/ATen kernels, lower case
-    ("communication", ("nccl", "allreduce", "reduce_scatter", "allgather")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "clip")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm100_", "matmul", "cublas")),
-    ("norm/reduce", ("layer_norm", "layernorm", "reduce", "softmax", "norm", "sum")),
-    ("cast/copy", ("copy", "cast", "convert", "to_copy", "fill", "memset", "memcpy", "cat")),
-    ("element-wise", ("elementwise", "vectorized", "unrolled", "triton", "dropout", "gelu", "mul", "add")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    for kind, keys in KINDS:
-        if any(k in low for k in keys):
-            return kind
-    return "other"
-
-
-def busy_time(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def profile_step(trainer: Trainer, step: list[int], device: torch.device, trace: Path) -> dict:
     """One optimizer step under torch.profiler: where the GPU time goes and how busy the GPU was."""
-    from torch.profiler import ProfilerActivity, profile
-
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
+    with profiled(device, trace) as summary:
         trainer.model.train()
         trainer.optimizer_step(trainer.accumulate(step))
-        sync(device)
-        wall = time.perf_counter() - t0
-    prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text()).get("traceEvents", [])
-    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    by_kind: dict[str, float] = {}
-    by_name: dict[str, list[float]] = {}
-    for e in gpu:
-        ms = e["dur"] / 1e3
-        kind = kernel_kind(e["name"]) if e["cat"] == "kernel" else "cast/copy"
-        by_kind[kind] = by_kind.get(kind, 0.0) + ms
-        by_name.setdefault(e["name"], []).append(ms)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
-    busy = busy_time([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3
-    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "busy": busy / (wall * 1e3) if gpu else 0.0,
-            "kernels": len(gpu), "kernel_ms": sum(by_kind.values()),
-            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": n[:160], "calls": len(v), "ms": sum(v), "kind": kernel_kind(n)} for n, v in top],
-            "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}
-                         for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]],
-            "trace": str(trace)}
+    return summary
 
 
 def token_share(steps: list[list[int]], lengths: torch.Tensor, trainer: Trainer) -> float:

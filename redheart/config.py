@@ -116,6 +116,10 @@ class TrainConfig:
     # process, fused AdamW, no swap manager). Micro-batch 64, compiled, on an H200 (with ATen's
     # dropout, bench/RESULTS.md): 511 -> 557 samples/s without R-Drop, 313 -> 329 with it
     finite_check: str = "auto"
+    # >0: global step K runs under torch.profiler on every rank; a summary (GPU time by kernel
+    # kind, how busy the GPU was, the host's top operations) and a Chrome trace go to
+    # logs/profile_step{K}_rank{R}.json / .trace.json (redheart/train/profile.py). 0: off
+    profile_step: int = 0
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp
     # (PyTorch FSDP2: weights, gradients and AdamW state sharded 1/N, for a model that does not
@@ -419,6 +423,7 @@ def _validate(cfg: Config) -> None:
     _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
+    _check(t.profile_step >= 0, "train.profile_step", "must be >= 0 (0: no profile)", t.profile_step)
     _check(t.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", t.resume_states_kept)
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)
     if t.parallel == "fsdp":

@@ -48,9 +48,14 @@ def assert_same_weights(a, b):
 
 
 def test_two_gloo_processes_equal_one_process(single, tmp_path):
-    two = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", str(tmp_path / "two"))
+    """... with step 2 profiled on both ranks (`train.profile_step`), which changes nothing."""
+    two = cli("unified-train", *ARGS, "--gpus", "2", "--output-dir", str(tmp_path / "two"),
+              "--set", "train.profile_step=2")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "launching 2 processes" in two.stderr
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / "two" / "logs" / f"profile_step2_rank{rank}.json").read_text())
+        assert summary["wall_ms"] > 0 and summary["host_top"]
     a, b = single, newest_state(tmp_path / "two")
     assert_same_weights(a, b)
     from redheart.config import Config

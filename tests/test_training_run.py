@@ -91,3 +91,26 @@ def test_retention_keeps_at_most_30_snapshots_in_a_real_run(tmp_path):
     assert len(files) == len(meta) <= 30
     assert {Path(m["path"]).name for m in meta} == {f.name for f in files}
     assert max(m["epoch"] for m in meta) == 33  # the newest is never the one deleted
+
+
+def test_a_profiled_step_writes_its_summary_and_changes_nothing(tmp_path):
+    """`train.profile_step=2`: step 2 runs under torch.profiler and its summary and Chrome trace
+    are written beside the logs; the run ends at the weights of the run without it, bit for bit."""
+    states = {}
+    for name, k in (("plain", 0), ("profiled", 2)):
+        cfg = tiny_config(tmp_path / name, train__epochs=1, data__max_records=60, train__profile_step=k)
+        assert run(cfg, analysis=False) == 0
+        states[name] = newest_state(tmp_path / name)
+    assert not list((tmp_path / "plain" / "logs").glob("profile_*"))
+    logs = tmp_path / "profiled" / "logs"
+    summary = json.loads((logs / "profile_step2_rank0.json").read_text())
+    trace = json.loads((logs / "profile_step2_rank0.trace.json").read_text())
+    assert trace["traceEvents"] and summary["trace"] == str(logs / "profile_step2_rank0.trace.json")
+    assert summary["wall_ms"] > 0 and summary["kernels"] == 0  # on the CPU: no GPU kernels
+    host = {op["name"] for op in summary["host_top"]}
+    assert host & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_fused_adamw_"}, host
+    assert "step 2 profiled:" in "".join(p.read_text() for p in logs.glob("training_*.log"))
+    a, b = states["plain"], states["profiled"]
+    assert a["global_step"] == b["global_step"] > 2
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])

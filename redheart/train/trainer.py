@@ -693,10 +693,10 @@ class Trainer:
             for i in range(self.step_in_epoch, len(plan)):
                 step = plan[i]
                 self.model.train()
-                parts = self.accumulate(step)
-                if self.faults:
-                    self._inject_numeric_fault(parts)
-                applied = self.optimizer_step(parts)
+                if self.global_step + 1 == cfg.train.profile_step:
+                    parts, applied = self._profiled_step(step)
+                else:
+                    parts, applied = self._train_step(step)
                 self.global_step += 1
                 self.step_in_epoch = i + 1
                 self.epoch_stats.samples += len(step)
@@ -745,6 +745,32 @@ class Trainer:
             self.save_resume_state()
         self.wait_for_save()
         return self.history
+
+    def _train_step(self, step: list[int]) -> tuple[dict[str, torch.Tensor], bool | None]:
+        parts = self.accumulate(step)
+        if self.faults:
+            self._inject_numeric_fault(parts)
+        return parts, self.optimizer_step(parts)
+
+    def _profiled_step(self, step: list[int]) -> tuple[dict[str, torch.Tensor], bool | None]:
+        """`train.profile_step`: this step under torch.profiler, its summary and trace written
+        beside the logs by every rank (each its own files)."""
+        from redheart.train.profile import profiled
+
+        name = f"profile_step{self.global_step + 1}_rank{self.world.rank}"
+        with profiled(self.device, self.paths.logs / f"{name}.trace.json") as summary:
+            out = self._train_step(step)
+        ckio.atomic_write_text(json.dumps(summary, indent=1), self.paths.logs / f"{name}.json")
+        if summary["kernels"]:
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms"].items())
+            what = (f"GPU busy {100 * summary['busy']:.0f}% ({summary['kernels']} kernels, "
+                    f"{summary['kernel_ms']:.1f} ms: {kinds})")
+        else:
+            top = summary["host_top"][0] if summary["host_top"] else {"name": "-", "self_cpu_ms": 0.0}
+            what = f"no GPU kernels; the busiest host operation {top['name']} {top['self_cpu_ms']:.1f} ms"
+        log.info("step %d profiled: %.1f ms, %s; %s", self.global_step + 1, summary["wall_ms"], what,
+                 self.paths.logs / f"{name}.json")
+        return out
 
     def _inject_numeric_fault(self, parts: dict[str, torch.Tensor]) -> None:
         """Test hooks (REDHEART_FAULTS): {"nan_at_steps": [3]} makes the loss of global step 3 (as

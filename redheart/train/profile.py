@@ -1,0 +1,85 @@
+"""One optimizer step under torch.profiler, summarised: where the GPU's time goes (matrix
+products, attention, communication, ...), how busy the GPU was, and what the host spent its
+time on. Used by the trainer (`--set train.profile_step=K`: every rank profiles its global step
+K and writes the summary and a Chrome trace beside the logs) and by bench/bench_train.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+KINDS = (  # first match wins; names of cuBLAS/cuDNN/Triton/ATen/NCCL kernels, lower case
+    ("communication", ("nccl", "allreduce", "reduce_scatter", "allgather")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm100_", "matmul", "cublas")),
+    ("norm/reduce", ("layer_norm", "layernorm", "reduce", "softmax", "norm", "sum")),
+    ("cast/copy", ("copy", "cast", "convert", "to_copy", "fill", "memset", "memcpy", "cat")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "triton", "dropout", "gelu", "mul", "add")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize(prof, trace: Path, wall_s: float) -> dict:
+    """The kernels of a finished profile (read back from its Chrome trace at `trace`)."""
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for e in gpu:
+        ms = e["dur"] / 1e3
+        kind = kernel_kind(e["name"]) if e["cat"] == "kernel" else "cast/copy"
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        by_name.setdefault(e["name"], []).append(ms)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    busy = busy_time([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3
+    wall_ms = wall_s * 1e3
+    return {"wall_ms": wall_ms, "gpu_busy_ms": busy, "busy": busy / wall_ms if gpu else 0.0,
+            "kernels": len(gpu), "kernel_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:160], "calls": len(v), "ms": sum(v), "kind": kernel_kind(n)} for n, v in top],
+            "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}
+                         for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]],
+            "trace": str(trace)}
+
+
+@contextmanager
+def profiled(device: torch.device, trace: Path):
+    """Profile the block (the device synchronised on both sides) and put its summary into the
+    dict this yields once the block is done; the Chrome trace goes to `trace`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    summary: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        yield summary
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    prof.export_chrome_trace(str(trace))
+    summary.update(summarize(prof, trace, wall))
