@@ -411,7 +411,7 @@ class Trainer:
         """Forward and backward over one optimizer step's samples (this rank's share), cut into
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
         counts = self.train_data.head_counts(step)
-        self._step_counts = counts
+        self._step_counts, self._step_heads = counts, self.towers_run(counts)
         lengths = self.train_data.lengths
         mine = shard(step, self.world.rank, self.world.size, lengths)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
@@ -441,7 +441,7 @@ class Trainer:
         tech, weights = self.cfg.tech, self.cfg.train.head_weights
         source, lengths = self.features["train"], self.train_data.lengths
         inv = inverse_counts(counts, self.device) if self.graphs is not None else None
-        heads = self.towers_run(counts)
+        heads = self._step_heads
         if self.lowp is not None:
             self.lowp.refresh()  # the weights of this step, cast once
         # One host-to-device copy of every index of the step; micro-batches slice it on the device.
@@ -703,8 +703,7 @@ class Trainer:
                 step_lengths = self.train_data.lengths[step]
                 self.epoch_stats.tokens += int(step_lengths.sum())
                 self.epoch_stats.flops += train_flops(cfg.model, step_lengths.tolist(), cfg.tech.rdrop_alpha > 0,
-                                                      not self.features["train"].cached,
-                                                      self.towers_run(self._step_counts))
+                                                      not self.features["train"].cached, self._step_heads)
                 if cfg.memory.monitor:
                     self.memory_samples.append({"step": self.global_step, **memory.sample(self.device)})
                 if bar is not None:
