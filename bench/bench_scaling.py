@@ -19,6 +19,7 @@ epoch's rate: take the rates from runs without it.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import subprocess
 import sys
@@ -49,8 +50,13 @@ def one_run(n: int, args) -> dict:
             return {"gpus": n, "error": proc.stderr[-2000:], "wall_s": wall, "command": " ".join(cmd)}
         rec = [json.loads(line) for f in Path(out, "logs").glob("metrics_*.jsonl") for line in f.open()]
         last = rec[-1]
-        found = sorted(Path(out, "logs").glob("profile_step*_rank*.json"))
+        found = sorted(f for f in Path(out, "logs").glob("profile_step*_rank*.json") if not f.name.endswith(".trace.json"))
         profiles = {f.stem: json.loads(f.read_text()) for f in found}
+        if args.keep_traces:  # the Chrome traces, gzipped, for a look at the timeline
+            Path(args.keep_traces).mkdir(parents=True, exist_ok=True)
+            for f in Path(out, "logs").glob("profile_step*_rank*.trace.json"):
+                dest = Path(args.keep_traces, f"{n}gpu_{f.name}.gz")
+                dest.write_bytes(gzip.compress(f.read_bytes()))
         return {"gpus": n, "samples_per_s": last["samples_per_s"], "tokens_per_s": last["tokens_per_s"],
                 "epoch_s": last["seconds"], "epoch1_s": rec[0]["seconds"], "samples": last["samples"],
                 "peak_gib": last["memory"].get("peak_gib"), "val_loss": last["val"]["loss"], "wall_s": wall,
@@ -68,6 +74,7 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=420)
     p.add_argument("--profile-step", type=int, default=0,
                    help="profile this global step on every rank (choose one in epoch 2: past compiling and capture)")
+    p.add_argument("--keep-traces", default="", help="with --profile-step: copy every rank's Chrome trace (gzipped) here")
     p.add_argument("--out", default="scaling.json")
     args = p.parse_args()
     rows = []

@@ -371,13 +371,12 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
                 jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
             trainer.set_lr(result["lr"])
             trainer.sweep_result = {"lr": result["lr"], "json": jpath, "plot": ppath, "reason": result["reason"]}
-        progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose) if world.main else None
+        progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose, quiet=not world.main)
         training[0] = True
         try:
             history = trainer.fit(progress)
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
     except (TrainingStopped, StopBeforeTraining) as exc:
         stopped = exc if isinstance(exc, TrainingStopped) else \
             TrainingStopped(f"stopped by {exc} before training began", None, code=75)

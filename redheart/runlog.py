@@ -64,12 +64,14 @@ class Progress:
     loss, the LR, samples/s and the ETA of the whole run; the periodic lines below go to the
     log file only. Under nohup or a pipe: those lines on the console too, every `every`
     optimizer steps (every step with `verbose`, on a terminal as well). Device values are read
-    (a host sync) only for a step that is shown.
+    (a host sync) only for a step that is shown. The other ranks of a run on several GPUs keep a
+    `quiet` one: it shows nothing, but tells the trainer the same steps to settle (`logs_next`).
     """
 
-    def __init__(self, epochs: int, every: int, verbose: bool, interactive: bool | None = None):
-        self.epochs, self.every, self.verbose = epochs, every, verbose
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+    def __init__(self, epochs: int, every: int, verbose: bool, interactive: bool | None = None,
+                 quiet: bool = False):
+        self.epochs, self.every, self.verbose, self.quiet = epochs, every, verbose, quiet
+        self.interactive = not quiet and (sys.stderr.isatty() if interactive is None else interactive)
         self.bar = None
 
     def __call__(self, epoch: int, steps: int, start: int) -> "Progress":
@@ -103,7 +105,7 @@ class Progress:
         self.run_steps += 1
         if self.bar is not None:
             self.bar.update(1)
-        if not logs:
+        if not logs or self.quiet:
             return
         lr = trainer.scheduler.get_last_lr()[0]
         rate, left_epoch, left_run = self.rates(trainer)

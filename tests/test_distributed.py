@@ -110,6 +110,51 @@ def test_fsdp_on_two_gloo_processes_equals_one_process(single, tmp_path):
     assert all(type(v) is torch.Tensor and v.shape == a["model_state"][k].shape for k, v in snapshot.items())
 
 
+DEFERRED = ["--set", "train.finite_check=deferred"]  # the default on GPUs; CPUs check synchronously
+
+
+def test_deferred_checks_on_two_processes_skip_the_same_bad_step_as_one_synchronous_process(tmp_path):
+    """Each rank leaves the step's check (and the summed loss parts, and the stop count) on the
+    device and reads it while the next step is queued, as one GPU does: a NaN loss at step 3 is
+    skipped by both ranks, logged once, and the run ends where one process with a synchronous
+    check ends; the summed losses it logs are those of the single process."""
+    faults = {"REDHEART_FAULTS": json.dumps({"nan_at_steps": [3]})}
+    one = cli("unified-train", *ARGS, "--set", "train.finite_check=sync", "--output-dir", str(tmp_path / "one"),
+              env=faults)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli("unified-train", *ARGS, *DEFERRED, "--gpus", "2", "--output-dir", str(tmp_path / "two"), env=faults)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "finite checks deferred" in two.stderr
+    skipped = "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)"
+    assert skipped in one.stderr and two.stderr.count(skipped) == 1  # logged by rank 0 alone
+    a, b = newest_state(tmp_path / "one"), newest_state(tmp_path / "two")
+    assert_same_weights(a, b)
+    assert (a["bad_steps_total"], a["scheduler"], a["ema"]["num_updates"]) == \
+        (b["bad_steps_total"], b["scheduler"], b["ema"]["num_updates"]) == (1, a["scheduler"], a["global_step"] - 1)
+    for ra, rb in zip(a["history"], b["history"], strict=True):
+        assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-4  # the parts summed over the ranks
+        assert ra["bad_steps"] == rb["bad_steps"]
+
+
+def test_deferred_checks_on_two_processes_stop_after_bad_steps_in_a_row_together(tmp_path):
+    """Three NaN losses in a row with train.max_bad_steps=3: both ranks learn it at the same
+    step (the third) and stop there, exit 5, where one synchronous process stops, with the same
+    last good state kept; nothing hangs."""
+    faults = {"REDHEART_FAULTS": json.dumps({"nan_at_steps": [4, 5, 6]})}
+    t0 = time.time()
+    one = cli("unified-train", *ARGS, "--set", "train.finite_check=sync", "--set", "train.max_bad_steps=3",
+              "--output-dir", str(tmp_path / "one"), env=faults)
+    two = cli("unified-train", *ARGS, *DEFERRED, "--set", "train.max_bad_steps=3", "--gpus", "2",
+              "--output-dir", str(tmp_path / "two"), env=faults, timeout=300)
+    assert one.returncode == two.returncode == 5, two.stderr[-3000:]
+    assert "3 optimizer steps in a row had a non-finite loss or gradient" in two.stderr
+    a, b = newest_state(tmp_path / "one"), newest_state(tmp_path / "two")
+    assert (b["global_step"], b["bad_steps_in_row"], b["scheduler"]["last_epoch"]) == \
+        (a["global_step"], a["bad_steps_in_row"], a["scheduler"]["last_epoch"]) == (7, 3, 4)
+    assert_same_weights(a, b)
+    assert time.time() - t0 < 240
+
+
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2
@@ -141,10 +186,11 @@ def test_a_stop_under_two_processes_resumes_under_fsdp_then_on_one_with_the_same
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_cleanly(tmp_path):
-    """`timeout` or Ctrl-C reach the launcher; every rank finishes its step, rank 0 saves, 75."""
+    """`timeout` or Ctrl-C reach the launcher; every rank finishes its step, rank 0 saves, 75.
+    With deferred checks (as on GPUs): the ranks agree on the stop one step later, together."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "redheart", "unified-train", *ARGS, "--epochs", "40",
-                             "--gpus", "2", "--output-dir", str(out)], cwd=ROOT,
+                             *DEFERRED, "--gpus", "2", "--output-dir", str(out)], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "logs").glob("metrics_*.jsonl")):

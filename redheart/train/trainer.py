@@ -97,6 +97,7 @@ class UncheckedStep:
     parts: dict[str, torch.Tensor]
     ok: torch.Tensor  # the check's result: in pinned host memory once `event` has passed
     event: torch.cuda.Event | None
+    summed: torch.Tensor | None = None  # several ranks: the check vector on the device (see `apply_update`)
 
 
 def pick_device(name: str) -> torch.device:
@@ -567,8 +568,9 @@ class Trainer:
     def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
                      defer: bool = False) -> bool | torch.Tensor:
         """Clip and step `optimizer` unless the loss or gradient is not finite; clear gradients.
-        Returns whether the step was applied; with `defer` (a fused AdamW in one process) the
-        check stays on the device, where AdamW skips its own update, and comes back as a tensor.
+        Returns whether the step was applied; with `defer` (a fused AdamW) the check stays on the
+        device, where AdamW skips its own update, and comes back as a tensor: the flag, or with
+        several ranks the vector [flag, `sum_scalars`'s sums, counts and stop count].
 
         A head without targets in this step takes no part in it (no decay, no momentum), as in
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
@@ -595,19 +597,17 @@ class Trainer:
             norm = norm.full_tensor()
         loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
         ok = torch.isfinite(norm) & torch.isfinite(loss)
-        if defer and summed is None:
+        check = ok if summed is None else torch.cat([ok.float().view(1).to(summed.device), summed])
+        if defer:
             optimizer.found_inf = (~ok).float()  # fused AdamW: no update, step count kept, on a bad step
             optimizer.step()
             optimizer.found_inf = None
-            finite = ok
+            finite = check
         else:
             if summed is None:
                 finite = bool(ok)  # the one host sync of the step
             else:  # the one host sync of the step: the check, which parts exist, any rank's stop
-                host = torch.cat([ok.float().view(1).to(summed.device), summed[len(LOSS_KEYS):]]).tolist()
-                finite = host[0] > 0
-                totals, self._stop_agreed = unpack_scalars(summed, host[1:])  # every rank stops after the same step
-                parts.update(totals)
+                finite = self._read_summed(check, check.tolist(), parts)
             if finite:
                 optimizer.step()
         optimizer.grad_scale = None
@@ -617,10 +617,20 @@ class Trainer:
         parts["grad_norm"] = norm.detach().float()
         return finite
 
+    def _read_summed(self, check: torch.Tensor, host: list[float], parts: dict[str, torch.Tensor]) -> bool:
+        """Several ranks: from the check vector (`apply_update`) on the device and its copy on the
+        host, put the loss parts summed over the ranks into `parts`, note whether any rank asked
+        to stop, and return whether the step was applied (the same on every rank)."""
+        totals, self._stop_agreed = unpack_scalars(check[1:], host[1 + len(LOSS_KEYS):])
+        parts.update(totals)
+        return host[0] > 0
+
     def defers_checks(self) -> bool:
-        """Whether steps leave their finite check on the device (`train.finite_check`)."""
+        """Whether steps leave their finite check on the device (`train.finite_check`). Several
+        ranks settle a step at the same points (the next step's update, the same log steps: see
+        `Progress.quiet`), so they agree on stops and on bad steps in a row as when synchronous."""
         mode = self.cfg.train.finite_check
-        possible = (not self.world.active and not self.swap
+        possible = (not self.fsdp and not self.swap
                     and all(g.get("fused") for g in self.optimizer.param_groups))
         return possible and (mode == "deferred" or (mode == "auto" and self.device.type == "cuda"))
 
@@ -636,10 +646,10 @@ class Trainer:
         if isinstance(finite, torch.Tensor):
             ok, event = finite, None
             if ok.device.type == "cuda":  # copied to the host behind the step's work, not waited for
-                ok = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+                ok = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True).copy_(finite, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
-            self._unchecked = UncheckedStep(self.global_step, parts, ok, event)
+            self._unchecked = UncheckedStep(self.global_step, parts, ok, event, finite if self.world.active else None)
             return None
         self._step_done(self.global_step, parts, finite)
         return finite
@@ -653,7 +663,7 @@ class Trainer:
             return None
         if u.event is not None:
             u.event.synchronize()
-        finite = bool(u.ok)
+        finite = bool(u.ok) if u.summed is None else self._read_summed(u.summed, u.ok.tolist(), u.parts)
         self._step_done(u.step, u.parts, finite)
         return finite
 
