@@ -95,8 +95,9 @@ def main() -> int:
     for r in rows:  # --profile-step: each rank's profiled step
         for name, p in r.get("profiles", {}).items():
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
+            waits = ", ".join(f"{w['ms']:.1f} ms in {w['op']}" for w in p.get("host_waits", []))
             print(f"{r['gpus']} GPUs, {name}: {p['wall_ms']:.1f} ms, GPU busy {p['busy']:.0%}, "
-                  f"kernels {p['kernel_ms']:.1f} ms ({kinds})")
+                  f"kernels {p['kernel_ms']:.1f} ms ({kinds}); host waited: {waits or 'never'}")
     return 0
 
 

@@ -155,6 +155,36 @@ def test_deferred_checks_on_two_processes_stop_after_bad_steps_in_a_row_together
     assert time.time() - t0 < 240
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("meet", ["master-addr", "rdzv-endpoint"])
+def test_two_hosts_of_one_process_each_equal_one_process(single, tmp_path, meet):
+    """Two launchers, as on two hosts (`--nnodes 2`), each starting one process; they meet at
+    rank 0's host (`--node-rank/--master-addr/--master-port`) or at a c10d rendezvous
+    (`--rdzv-endpoint`). The run ends with the single-process weights, and only the process of
+    global rank 0 writes: the second host's output folder gets no checkpoint, log or metadata."""
+    port = _free_port()
+    how = {"master-addr": lambda r: ["--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port)],
+           "rdzv-endpoint": lambda r: ["--rdzv-endpoint", f"127.0.0.1:{port}"]}[meet]
+    procs = [subprocess.Popen([sys.executable, "-m", "redheart", "unified-train", *ARGS, "--nnodes", "2", *how(r),
+                               "--output-dir", str(tmp_path / f"host{r}")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert all("launching 2 processes" in e for e in errs)
+    written = [d for d in (tmp_path / "host0", tmp_path / "host1") if list(d.rglob("metadata.json"))]
+    assert len(written) == 1  # global rank 0's host (node rank 0, or whichever the rendezvous made rank 0)
+    other = ({tmp_path / "host0", tmp_path / "host1"} - set(written)).pop()
+    assert not [f for f in other.rglob("*") if f.is_file()]
+    assert_same_weights(single, newest_state(written[0]))
+
+
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2

@@ -107,6 +107,7 @@ def test_a_profiled_step_writes_its_summary_and_changes_nothing(tmp_path):
     trace = json.loads((logs / "profile_step2_rank0.trace.json").read_text())
     assert trace["traceEvents"] and summary["trace"] == str(logs / "profile_step2_rank0.trace.json")
     assert summary["wall_ms"] > 0 and summary["kernels"] == 0  # on the CPU: no GPU kernels
+    assert summary["host_waits"] == []  # no CUDA: nothing to wait for
     host = {op["name"] for op in summary["host_top"]}
     assert host & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_fused_adamw_"}, host
     assert "step 2 profiled:" in "".join(p.read_text() for p in logs.glob("training_*.log"))
@@ -114,3 +115,25 @@ def test_a_profiled_step_writes_its_summary_and_changes_nothing(tmp_path):
     assert a["global_step"] == b["global_step"] > 2
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
     assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+
+
+def test_the_profile_names_where_the_host_waited_for_the_gpu():
+    """`host_waits` on a trace shaped like the one that found a 103 ms stall on two H200s: a
+    synchronize inside `aten::copy_` (a host scalar written into a device tensor) is reported
+    with that operation; a short one and the profiler's own closing sync are not."""
+    from redheart.train.profile import CLOSING, host_waits
+
+    def span(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [span("cpu_op", "aten::add", 1000.0, 50.0),
+              span("cpu_op", "aten::copy_", 129_006.0, 102_870.0),
+              span("cuda_runtime", "cudaMemcpyAsync", 129_016.0, 17.0),
+              span("cuda_runtime", "cudaStreamSynchronize", 129_035.0, 102_783.0),
+              span("cpu_op", "aten::_local_scalar_dense", 240_000.0, 300.0),
+              span("cuda_runtime", "cudaStreamSynchronize", 240_010.0, 120.0),  # 0.12 ms: not a wait
+              span("user_annotation", CLOSING, 250_000.0, 9_000.0),
+              span("cuda_runtime", "cudaDeviceSynchronize", 250_010.0, 8_900.0),
+              {"ph": "i", "cat": "cpu_instant_event", "name": "x", "ts": 0.0}]
+    waits = host_waits(events)
+    assert waits == [{"at_ms": 128.035, "ms": 102.783, "call": "cudaStreamSynchronize", "op": "aten::copy_"}]

@@ -41,6 +41,31 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+CLOSING = "redheart: profiler's closing sync"  # `profiled`'s own wait at the end: not the step's
+
+
+def host_waits(events: list[dict], min_ms: float = 0.5) -> list[dict]:
+    """Where the host waited for the GPU inside a profile: each CUDA synchronize call of at least
+    `min_ms`, when (ms from the first event), how long, and the innermost operation around it
+    (`aten::copy_` for a `.item()` or for a host value written into a device tensor). A step
+    whose host should run ahead of the GPU and does not shows its culprit here."""
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    if not spans:
+        return []
+    t0 = min(e["ts"] for e in spans)
+    ops = [e for e in spans if e.get("cat") in ("cpu_op", "user_annotation")]
+    out = []
+    for w in spans:
+        if w.get("cat") != "cuda_runtime" or w["name"] not in SYNC_CALLS or w["dur"] < min_ms * 1e3:
+            continue
+        around = [o for o in ops if o["ts"] <= w["ts"] and w["ts"] + w["dur"] <= o["ts"] + o["dur"]]
+        op = min(around, key=lambda o: o["dur"])["name"] if around else None
+        if op != CLOSING:
+            out.append({"at_ms": (w["ts"] - t0) / 1e3, "ms": w["dur"] / 1e3, "call": w["name"], "op": op})
+    return out
+
+
 def summarize(prof, trace: Path, wall_s: float) -> dict:
     """The kernels of a finished profile (read back from its Chrome trace at `trace`)."""
     events = json.loads(trace.read_text()).get("traceEvents", [])
@@ -60,7 +85,9 @@ def summarize(prof, trace: Path, wall_s: float) -> dict:
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "calls": len(v), "ms": sum(v), "kind": kernel_kind(n)} for n, v in top],
             "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}
-                         for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]],
+                         for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]
+                         if a.key != CLOSING],
+            "host_waits": host_waits(events),
             "trace": str(trace)}
 
 
@@ -79,7 +106,8 @@ def profiled(device: torch.device, trace: Path):
         t0 = time.perf_counter()
         yield summary
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            with torch.profiler.record_function(CLOSING):
+                torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
     prof.export_chrome_trace(str(trace))
     summary.update(summarize(prof, trace, wall))

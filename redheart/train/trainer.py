@@ -777,6 +777,10 @@ class Trainer:
         else:
             top = summary["host_top"][0] if summary["host_top"] else {"name": "-", "self_cpu_ms": 0.0}
             what = f"no GPU kernels; the busiest host operation {top['name']} {top['self_cpu_ms']:.1f} ms"
+        if summary["host_waits"]:  # a host that should run ahead of the GPU waited: where
+            longest = max(summary["host_waits"], key=lambda w: w["ms"])
+            what += (f"; the host waited for the GPU {sum(w['ms'] for w in summary['host_waits']):.1f} ms "
+                     f"(longest {longest['ms']:.1f} ms in {longest['op']})")
         log.info("step %d profiled: %.1f ms, %s; %s", self.global_step + 1, summary["wall_ms"], what,
                  self.paths.logs / f"{name}.json")
         return out
