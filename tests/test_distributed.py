@@ -110,6 +110,43 @@ def test_fsdp_on_two_gloo_processes_equals_one_process(single, tmp_path):
     assert all(type(v) is torch.Tensor and v.shape == a["model_state"][k].shape for k, v in snapshot.items())
 
 
+def test_lr_sweep_sweet_spot_and_crossover_on_two_processes_decide_as_one_process(tmp_path):
+    """The LR sweep (its validation reduced across ranks), the Sweet Spot analysis and the
+    Parameter Crossover under two processes: the same rate chosen from the same curves, the same
+    sweet spots, the same swaps kept and rejected with the same scores, and each result written
+    once (rank 0)."""
+    import glob
+
+    more = ["--epochs", "3", "--lr-sweep", "--set", "sweep.steps=6", "--set", "sweep.eval_every=3",
+            "--set", "crossover.enabled=true"]
+    runs = {}
+    for name, gpus in (("one", []), ("two", ["--gpus", "2"])):
+        proc = cli("unified-train", *ARGS, *more, *gpus, "--output-dir", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "LR sweep chose" in proc.stderr and "crossover: val loss" in proc.stderr
+
+        def one(pattern, out=tmp_path / name):
+            found = glob.glob(str(out / pattern))
+            assert len(found) == 1, (pattern, found)  # written once, not once per rank
+            return json.loads(open(found[0]).read())
+        runs[name] = {"sweep": one("lr_sweep_results/lr_sweep_*.json"),
+                      "spots": one("sweet_spot_analysis/sweet_spot_analysis_*.json"),
+                      "cross": one("checkpoints_final/crossover_report_*.json")}
+    a, b = runs["one"], runs["two"]
+    assert a["sweep"]["lr"] == b["sweep"]["lr"]
+    for pa, pb in zip(a["sweep"]["points"], b["sweep"]["points"], strict=True):
+        assert pa["lr"] == pb["lr"] and pa["diverged"] == pb["diverged"]
+        assert max(abs(x - y) for x, y in zip(pa["curve"], pb["curve"], strict=True)) < 1e-4
+    assert {m: v["epoch"] for m, v in a["spots"]["modules"].items()} == \
+        {m: v["epoch"] for m, v in b["spots"]["modules"].items()}
+    assert a["cross"]["sources"] == b["cross"]["sources"]
+    assert [(t["module"], t["source"], t["kept"]) for t in a["cross"]["trials"]] == \
+        [(t["module"], t["source"], t["kept"]) for t in b["cross"]["trials"]]
+    assert len(a["cross"]["trials"]) > 1  # at least one swap was tried
+    for ta, tb in zip(a["cross"]["trials"], b["cross"]["trials"]):
+        assert abs(ta["score"] - tb["score"]) < 1e-4
+
+
 DEFERRED = ["--set", "train.finite_check=deferred"]  # the default on GPUs; CPUs check synchronously
 
 
@@ -189,6 +226,11 @@ def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "--gpus 4" in proc.stderr and "Traceback" not in proc.stderr
+    # a bad value is one error from the launcher, before any process starts (not one per rank)
+    bad = cli("unified-train", "--preset", "tiny", "--device", "cpu", "--gpus", "2", "--set", "sweep.steps=0",
+              "--output-dir", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.count("error: sweep.steps: must be >= 1") == 1, bad.stderr
+    assert "launching" not in bad.stderr and not (tmp_path / "logs").exists()
 
 
 def test_a_stop_under_two_processes_resumes_under_fsdp_then_on_one_with_the_same_weights(single, tmp_path):
