@@ -91,22 +91,38 @@ class FlatGrads:
     """Every parameter's gradient as a view of one flat buffer (DDP's `gradient_as_bucket_view`):
     the all-reduce runs in place on slices of it, without first packing each bucket of
     gradients into a new tensor and copying the sums back (for the 730m preset that is 2.9 GB
-    written and read twice a step). The views persist: gradients are zeroed in place."""
+    written and read twice a step). The views persist: gradients are zeroed in place.
 
-    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int | None = None):
-        self.params = [p for p in params if p.requires_grad]
+    `groups` (one key per parameter, e.g. its top-level module) keeps each bucket within one
+    group, so that a group whose gradients are zero on every rank (a head without targets in
+    the step) is left out of the all-reduce: `all_reduce(..., skip=...)`."""
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int | None = None,
+                 groups: list[str] | None = None):
+        keys = groups if groups is not None else [""] * len(params)
+        kept = [(p, k) for p, k in zip(params, keys, strict=True) if p.requires_grad]
+        self.params = [p for p, _ in kept]
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
                                 device=self.params[0].device)
-        self.views, at = [], 0
-        for p in self.params:
+        self.views, at, spans = [], 0, []  # spans: (group, start, end) of each run of one group
+        for p, key in kept:
             if p.dtype != self.flat.dtype:
                 raise ValueError(f"FlatGrads: parameters of one dtype only ({p.dtype} and {self.flat.dtype})")
             self.views.append(self.flat[at:at + p.numel()].view_as(p))
             p.grad = self.views[-1]
+            if spans and spans[-1][0] == key:
+                spans[-1][2] = at + p.numel()
+            else:
+                spans.append([key, at, at + p.numel()])
             at += p.numel()
         step = max(1, (bucket_bytes or BUCKET_BYTES) // self.flat.element_size())
-        self._starts = list(range(0, self.flat.numel(), step))
-        self.buckets = [self.flat[s:s + step] for s in self._starts]
+        self._starts, self.groups = [], []  # each bucket's start in the buffer and its group
+        for key, a, b in spans:
+            for s in range(a, b, step):
+                self._starts.append(s)
+                self.groups.append(key)
+        ends = self._starts[1:] + [self.flat.numel()]
+        self.buckets = [self.flat[s:e] for s, e in zip(self._starts, ends)]
         self._low: torch.Tensor | None = None  # the bf16 buffer of a bf16 all-reduce, made on first use
 
     @torch.no_grad()
@@ -122,18 +138,21 @@ class FlatGrads:
                 view.copy_(p.grad)
             p.grad = view
 
-    def all_reduce(self, world: World, dtype: torch.dtype | None = None) -> None:
+    def all_reduce(self, world: World, dtype: torch.dtype | None = None, skip: set[str] | frozenset = frozenset()
+                   ) -> None:
         """Sum the gradients across ranks, in place, bucket by bucket (all launched, then
-        awaited). With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each
-        rank's gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`)."""
+        awaited), except the buckets of the groups in `skip` (every rank must pass the same).
+        With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each rank's
+        gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`)."""
         self.reattach()
-        lows = self.buckets
+        sel = [(s, b) for s, b, g in zip(self._starts, self.buckets, self.groups) if g not in skip]
+        lows = [b for _, b in sel]
         if dtype is not None and dtype != self.flat.dtype:
             if self._low is None or self._low.dtype != dtype:
                 self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
-            lows = [self._low[s:s + b.numel()].copy_(b) for s, b in zip(self._starts, self.buckets)]
+            lows = [self._low[s:s + b.numel()].copy_(b) for s, b in sel]
         works = [dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True) for low in lows]
-        for w, low, b in zip(works, lows, self.buckets):
+        for w, low, (_, b) in zip(works, lows, sel):
             w.wait()
             if low is not b:
                 b.copy_(low)

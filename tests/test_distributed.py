@@ -349,3 +349,31 @@ def test_a_bf16_all_reduce_sends_bf16_rounded_gradients_and_keeps_the_views(tmp_
         assert torch.equal(fg.flat, before)
     finally:
         dist.destroy_process_group()
+
+
+def _skip_worker(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    from redheart.dist import FlatGrads
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        net = torch.nn.ModuleDict({"body": torch.nn.Linear(6, 6), "head": torch.nn.Linear(6, 3)})
+        names = [n for n, _ in net.named_parameters()]
+        fg = FlatGrads(list(net.parameters()), bucket_bytes=64, groups=[n.split(".", 1)[0] for n in names])
+        body = [g == "body" for g in fg.groups]
+        assert any(body) and not all(body)  # 42 + 21 floats in buckets of 16: none holds both modules
+        fg.flat.fill_(rank + 1.0)
+        fg.all_reduce(None, skip={"head"})
+        assert torch.equal(net["body"].weight.grad, torch.full((6, 6), 3.0))  # 1 + 2, summed
+        assert torch.equal(net["head"].weight.grad, torch.full((3, 6), rank + 1.0))  # left alone
+        fg.all_reduce(None)
+        assert torch.equal(net["head"].bias.grad, torch.full((3,), 3.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_all_reduce_leaves_out_the_modules_it_is_told_to(tmp_path):
+    """A head without targets in a step has the same (unused) gradient on every rank: its
+    buckets, which hold no other module's gradients, are not sent."""
+    torch.multiprocessing.spawn(_skip_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)

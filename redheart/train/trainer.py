@@ -97,7 +97,7 @@ class UncheckedStep:
     parts: dict[str, torch.Tensor]
     ok: torch.Tensor  # the check's result: in pinned host memory once `event` has passed
     event: torch.cuda.Event | None
-    summed: torch.Tensor | None = None  # several ranks: the check vector on the device (see `apply_update`)
+    vector: torch.Tensor | None = None  # several ranks: the check vector on the device (`apply_update`)
 
 
 def pick_device(name: str) -> torch.device:
@@ -363,7 +363,10 @@ class Trainer:
                      "summed in fp32 %s", self.lowp.nbytes / 2**30,
                      "by the matrix product (fused)" if self.lowp.fused else "after a bf16 product")
         # several processes (DDP): gradients live in one flat buffer, all-reduced in place
-        self.flat_grads = FlatGrads(list(self.model.parameters())) if self.world.active and not self.fsdp else None
+        self.flat_grads = None
+        if self.world.active and not self.fsdp:  # buckets within one module: a head without targets is left out
+            named = list(self.model.named_parameters())
+            self.flat_grads = FlatGrads([p for _, p in named], groups=[n.split(".", 1)[0] for n, _ in named])
         self.packing = use_packing(cfg)
         self.graphs = None
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
@@ -395,7 +398,7 @@ class Trainer:
         self.pins: set[str] = set()
         self.finished = False
         self._epoch_t0 = time.time()
-        self._stop_agreed = False  # any rank asked to stop, as of the last gradient all-reduce
+        self._stop_agreed = False  # any rank asked to stop, as of the last step read (`_read_summed`)
         # epoch-end resume states written from a thread (train.async_save)
         self.async_save = cfg.train.async_save == "on" or (cfg.train.async_save == "auto" and device.type == "cuda")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="redheart-save")  # a thread once used
@@ -576,11 +579,12 @@ class Trainer:
         the eager path where its gradients are None; CUDA graphs keep zeros there, so hide them.
         """
         summed = None
+        idle = {h for h, c in getattr(self, "_step_counts", {}).items() if c == 0}  # the same on every rank
         if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
             if self.flat_grads is not None:  # DDP (FSDP has reduce-scattered them in the backward)
-                self.flat_grads.all_reduce(self.world, torch.bfloat16 if self.cfg.train.grad_reduce == "bf16" else None)
+                self.flat_grads.all_reduce(self.world, torch.bfloat16 if self.cfg.train.grad_reduce == "bf16" else None,
+                                           skip=idle)  # hidden below from the norm and AdamW: never read
             summed = sum_scalars(parts, self.world, self.stop.requested)
-        idle = [h for h, c in getattr(self, "_step_counts", {}).items() if c == 0]
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
         for p in hidden:
             p.grad = None
@@ -663,7 +667,7 @@ class Trainer:
             return None
         if u.event is not None:
             u.event.synchronize()
-        finite = bool(u.ok) if u.summed is None else self._read_summed(u.summed, u.ok.tolist(), u.parts)
+        finite = bool(u.ok) if u.vector is None else self._read_summed(u.vector, u.ok.tolist(), u.parts)
         self._step_done(u.step, u.parts, finite)
         return finite
 
