@@ -328,3 +328,31 @@ def test_the_native_encoder_on_the_gpu_in_bf16_matches_transformers():
     scale = float(ref32.abs().max())
     err_native, err_hf = float(((native - ref32).abs() * m).max()), float(((hf - ref32).abs() * m).max())
     assert err_native <= 2 * err_hf + 1e-3 * scale and err_native < 0.05 * scale, (err_native, err_hf, scale)
+
+
+def test_a_training_step_on_the_gpu_never_waits_for_the_gpu(tmp_path, write_file):
+    """No host synchronisation inside a step: the host queues a step's work and goes on, the
+    finite check read one step later. Step 8 of a tiny run (CUDA graphs; every text has the same
+    length, so all graphs are captured in the first steps) runs under the profiler: it has
+    kernels, and no stream or device synchronize of 0.5 ms or more (`host_waits`; the profiler's
+    own closing one aside). A `.item()`, a blocking copy or a host scalar written into a device
+    tensor in the step would show here, with the operation that made it. Allowed: the wait on
+    the previous step's end event (`settle`), which keeps a fast host at most a step ahead."""
+    import json
+    import random
+
+    from helpers import run, tiny_config
+
+    rng = random.Random(0)
+    words = "i lent my car to a friend and he crashed it then said nothing for weeks".split()
+    recs = [{"id": f"u{i}", "text": " ".join(rng.choice(words) for _ in range(12)),
+             "emotion": [1.0 if j == i % 7 else 0.0 for j in range(7)], "bentham": [rng.random() for _ in range(10)],
+             "regret": rng.random(), "surd": [0.25] * 4} for i in range(48)]
+    data = write_file("same_length.jsonl", recs)
+    cfg = tiny_config(tmp_path, train__epochs=2, train__device="cuda", train__grad_accum=4, crossover__enabled=False,
+                      train__profile_step=8, data__paths=[str(data)])
+    assert run(cfg, analysis=False) == 0
+    summary = json.loads((tmp_path / "logs" / "profile_step8_rank0.json").read_text())
+    assert summary["kernels"] > 0
+    waits = [w for w in summary["host_waits"] if w["call"] != "cudaEventSynchronize"]
+    assert waits == [], summary["host_waits"]
