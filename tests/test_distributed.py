@@ -222,6 +222,22 @@ def test_two_hosts_of_one_process_each_equal_one_process(single, tmp_path, meet)
     assert_same_weights(single, newest_state(written[0]))
 
 
+@pytest.mark.parametrize("check", ["sync", "deferred"])
+def test_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, check):
+    """A stop request reaching rank 1 alone after step 3 travels with step 4's summed loss parts:
+    both ranks stop after step 4, exit 75, one resume state. Deferred, every rank reads step 4
+    at the same point (here its log line: log_every=1, and rank 1 keeps a silent Progress for
+    that); were rank 0 alone to read it early, it would stop a step before rank 1 and the two
+    would wait on different collectives."""
+    out = tmp_path / check
+    proc = cli("unified-train", *ARGS, "--set", f"train.finite_check={check}", "--set", "train.log_every=1",
+               "--gpus", "2", "--output-dir", str(out), timeout=240,
+               env={"REDHEART_FAULTS": json.dumps({"signal_at_step": 3, "signal_rank": 1})})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "stopped by a stop request on another rank after step 4" in proc.stderr
+    assert newest_state(out)["global_step"] == 4
+
+
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2

@@ -733,6 +733,9 @@ class Trainer:
                 if self.faults.get("crash_at_step") == self.global_step and \
                         self.faults.get("crash_rank", self.world.rank) == self.world.rank:
                     raise RuntimeError(f"crash injected by a test on rank {self.world.rank}")
+                if self.faults.get("signal_at_step") == self.global_step and \
+                        self.faults.get("signal_rank", self.world.rank) == self.world.rank:
+                    self.stop.requested, self.stop.signal_name = True, "a test's signal"  # as SIGTERM would
                 if self.faults.get("stop_at_step") == self.global_step:
                     self.stop.requested, self.stop.signal_name = True, "a test's stop request"
                     self._stop_agreed = True
