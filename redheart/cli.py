@@ -422,9 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             if (args.gpus < 1 or args.nnodes < 1):
                 raise ConfigError("--gpus and --nnodes must be >= 1")
             if (args.gpus > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
-                make_config(args, args.command, choose_preset(args, args.command))  # a bad value: one error, no launch
+                chosen = choose_preset(args, args.command)  # said once, here, and passed on to the ranks
+                make_config(args, args.command, chosen)  # a bad value: one error, no launch
                 check_resume_path(args.resume)
-                return launch_distributed(args, argv)
+                return launch_distributed(args, argv if args.preset else [*argv, "--preset", chosen])
             return cmd_train(args, args.command)
         handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
                     "predict": cmd_predict, "crossover": cmd_crossover, "plot": cmd_plot}

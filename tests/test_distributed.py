@@ -11,6 +11,7 @@ import torch
 
 from helpers import ROOT, cli, newest_state
 from redheart.ckpt import io as ckio
+from redheart.config import preset
 
 # No dropout and no R-Drop: with several ranks only the summation order changes.
 ARGS = ["--preset", "tiny", "--device", "cpu", "--max-records", "70", "--epochs", "2", "--no-lr-sweep",
@@ -236,6 +237,17 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, check):
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "stopped by a stop request on another rank after step 4" in proc.stderr
     assert newest_state(out)["global_step"] == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the preset chosen without a GPU: tiny")
+def test_the_preset_chosen_without_a_gpu_is_said_once_and_given_to_every_rank(tmp_path):
+    proc = cli("unified-test", "--gpus", "2", "--device", "cpu", "--epochs", "1", "--no-lr-sweep",
+               "--set", "crossover.enabled=false", "--max-records", "60", "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("no GPU found: unified-test uses the 'tiny' preset") == 1
+    launch = next(line for line in proc.stderr.splitlines() if "launching 2 processes" in line)
+    assert launch.endswith("--preset tiny")
+    assert newest_state(tmp_path)["config"]["model"]["hidden"] == preset("tiny").model.hidden
 
 
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
