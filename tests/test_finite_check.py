@@ -137,3 +137,27 @@ def test_the_clip_handed_to_fused_adamw_is_clip_grad_norm(tmp_path):
     lr = trainer.optimizer.param_groups[0]["lr"]
     assert gap(reference(clips[1])) < 1e-3 * lr  # AdamW moves a weight by about lr a step: this is rounding
     assert gap(reference(float("inf"))) > 0.1 * lr  # not clipped: the second step goes elsewhere
+
+
+def test_a_rank_that_defers_its_checks_does_not_turn_the_swap_manager_on_alone(tmp_path):
+    """Out of memory with nothing smaller to try: one process turns the Dynamic Swap Manager on,
+    but one rank of several that defer their checks stops instead (exit 4, resume with the swap
+    on): the swap manager's update needs the synchronous check, so that rank would read its steps,
+    and the others' stop requests, a step before the other ranks and leave them waiting. With
+    synchronous checks the rank may turn it on alone, as before. (The rank's device is made to
+    look like a GPU: the swap manager needs one; nothing here runs on it.)"""
+    from redheart.dist import World
+
+    for mode in ("deferred", "sync"):
+        trainer, _ = _trainer(tmp_path, mode)
+        trainer.device = torch.device("cuda")
+        assert trainer._oom_action(2, 1) == ("retry", "")
+        assert trainer._oom_action(1, 1) == ("swap", "")  # one process
+        trainer.world = World(rank=1, size=2)
+        action, why = trainer._oom_action(1, 1)
+        if mode == "deferred":
+            assert action == "stop" and "cannot turn the swap manager on alone" in why
+        else:
+            assert (action, why) == ("swap", "")
+        trainer.cfg.memory.swap = "off"
+        assert trainer._oom_action(1, 1) == ("stop", "nothing smaller fits")

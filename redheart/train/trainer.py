@@ -540,8 +540,8 @@ class Trainer:
         event = {"step": self.global_step, "epoch": self.epoch + 1, "attempt": attempt,
                  "micro_batch_before": before, "error": str(exc).splitlines()[0][:200],
                  "memory": memory.sample(self.device)}
-        # Under FSDP the other ranks wait in a collective of the step this rank left: no retry.
-        if before > 1 and attempt <= self.cfg.memory.max_oom_retries and not self.fsdp:
+        action, why = self._oom_action(before, attempt)
+        if action == "retry":
             self.micro_batch = max(1, before // 2)
             self.micro_batch_tokens //= 2
             event["action"] = f"retry with micro-batch {self.micro_batch} (accumulation x{before // self.micro_batch})"
@@ -549,7 +549,7 @@ class Trainer:
             self.oom_events.append(event)
             log.warning("out of memory at step %d: %s", self.global_step, event["action"])
             return
-        if not self.swap and self.cfg.memory.swap != "off" and self.device.type == "cuda" and not self.fsdp:
+        if action == "swap":
             self.enable_swap()
             event["action"] = "Dynamic Swap Manager on (optimizer state to CPU memory), activation checkpointing on"
             event["micro_batch_after"] = before
@@ -563,10 +563,23 @@ class Trainer:
         # save is possible; torchrun stops them when this rank exits, the last state stays.
         path = self.save_resume_state() if not self.world.active else None
         raise TrainingStopped(
-            f"out of memory at step {self.global_step} with micro-batch {before}: "
-            f"{'a rank cannot retry alone under FSDP' if self.fsdp else 'nothing smaller fits'}. "
+            f"out of memory at step {self.global_step} with micro-batch {before}: {why}. "
             f"Resume with a smaller model (--preset), --set model.activation_checkpointing=true, or "
-            f"{'more GPUs' if self.fsdp else '--set memory.swap=on'}: --resume {path}", path, code=4)
+            f"{'more GPUs' if self.fsdp else '--set memory.swap=on'}: --resume {path or 'latest'}", path, code=4)
+
+    def _oom_action(self, before: int, attempt: int) -> tuple[str, str]:
+        """What an out-of-memory error at micro-batch `before` leads to: "retry" (half the
+        micro-batch, the same samples), "swap" (the Dynamic Swap Manager on), or "stop" and why."""
+        # Under FSDP the other ranks wait in a collective of the step this rank left: no retry.
+        if before > 1 and attempt <= self.cfg.memory.max_oom_retries and not self.fsdp:
+            return "retry", ""
+        if not self.swap and self.cfg.memory.swap != "off" and self.device.type == "cuda" and not self.fsdp:
+            if not (self.world.active and self.defers_checks()):
+                return "swap", ""
+            # the swap manager's update needs the synchronous check: this rank would read its
+            # steps (and the others' stop requests) a step before the other ranks do
+            return "stop", "one rank cannot turn the swap manager on alone while the ranks defer their checks"
+        return "stop", "a rank cannot retry alone under FSDP" if self.fsdp else "nothing smaller fits"
 
     def apply_update(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
                      defer: bool = False) -> bool | torch.Tensor:
