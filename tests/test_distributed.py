@@ -250,6 +250,18 @@ def test_the_preset_chosen_without_a_gpu_is_said_once_and_given_to_every_rank(tm
     assert newest_state(tmp_path)["config"]["model"]["hidden"] == preset("tiny").model.hidden
 
 
+def test_ranks_defer_their_checks_all_together_or_not_at_all(tmp_path):
+    """One rank cannot defer (on a GPU with less memory it may hold the swap manager): then no
+    rank does, or a stop reaching rank 1 after step 3 would be read by rank 1 at step 4 and by
+    rank 0 at step 5, and each would wait on a different collective. Agreed at the start, both
+    check synchronously and stop after step 4."""
+    proc = cli("unified-train", *ARGS, *DEFERRED, "--gpus", "2", "--output-dir", str(tmp_path), timeout=150,
+               env={"REDHEART_FAULTS": json.dumps({"no_defer_rank": 1, "signal_at_step": 3, "signal_rank": 1})})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "finite checks deferred" not in proc.stderr
+    assert "after step 4" in proc.stderr and newest_state(tmp_path)["global_step"] == 4
+
+
 def test_asking_for_missing_gpus_is_a_clear_error(tmp_path):
     proc = cli("unified-train", "--preset", "tiny", "--gpus", "4", "--output-dir", str(tmp_path))
     assert proc.returncode == 2

@@ -388,6 +388,9 @@ class Trainer:
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
         self._unchecked: UncheckedStep | None = None  # the last step, while its check is on the device
+        self._ranks_defer = True  # several ranks defer their checks only all together (see defers_checks)
+        if self.world.active:
+            self._ranks_defer = not any_rank(not self.defers_checks(), self.world)
         if self.defers_checks():
             log.info("finite checks deferred: a bad step is skipped on the device, and the host reads "
                      "each step's check while the next step's work is queued")
@@ -645,10 +648,13 @@ class Trainer:
     def defers_checks(self) -> bool:
         """Whether steps leave their finite check on the device (`train.finite_check`). Several
         ranks settle a step at the same points (the next step's update, the same log steps: see
-        `Progress.quiet`), so they agree on stops and on bad steps in a row as when synchronous."""
+        `Progress.quiet`), so they agree on stops and on bad steps in a row as when synchronous;
+        so they defer all or none (agreed at the start: one may hold the swap manager, on a GPU
+        with less memory)."""
         mode = self.cfg.train.finite_check
-        possible = (not self.fsdp and not self.swap
-                    and all(g.get("fused") for g in self.optimizer.param_groups))
+        possible = (not self.fsdp and not self.swap and self._ranks_defer
+                    and all(g.get("fused") for g in self.optimizer.param_groups)
+                    and self.faults.get("no_defer_rank", -1) != self.world.rank)  # REDHEART_FAULTS: a test's
         return possible and (mode == "deferred" or (mode == "auto" and self.device.type == "cuda"))
 
     def optimizer_step(self, parts: dict[str, torch.Tensor]) -> bool | None:
