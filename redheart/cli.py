@@ -275,9 +275,17 @@ def launch_distributed(args, argv: list[str]) -> int:
         return int(exit_file.read_text()) if exit_file.exists() else code
 
 
-def cmd_train(args, mode: str) -> int:
-    cfg = make_config(args, mode, choose_preset(args, mode))  # bad values fail before the heavy imports
+def checked_config(args, mode: str) -> tuple[Config, str]:
+    """The run's configuration and preset, every value and --resume checked: bad ones fail here,
+    before the heavy imports (and, under --gpus, before any process starts)."""
+    chosen = choose_preset(args, mode)
+    cfg = make_config(args, mode, chosen)
     check_resume_path(args.resume)
+    return cfg, chosen
+
+
+def cmd_train(args, mode: str) -> int:
+    cfg, _ = checked_config(args, mode)
     faults = test_faults()
     from redheart.data.importers import load_data
 
@@ -422,9 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             if (args.gpus < 1 or args.nnodes < 1):
                 raise ConfigError("--gpus and --nnodes must be >= 1")
             if (args.gpus > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
-                chosen = choose_preset(args, args.command)  # said once, here, and passed on to the ranks
-                make_config(args, args.command, chosen)  # a bad value: one error, no launch
-                check_resume_path(args.resume)
+                _, chosen = checked_config(args, args.command)  # a bad value: one error, no launch
+                # the preset chosen without a GPU is said once, here, and passed on to the ranks
                 return launch_distributed(args, argv if args.preset else [*argv, "--preset", chosen])
             return cmd_train(args, args.command)
         handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
