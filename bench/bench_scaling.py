@@ -96,8 +96,10 @@ def main() -> int:
         for name, p in r.get("profiles", {}).items():
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
             waits = ", ".join(f"{w['ms']:.1f} ms in {w['op']}" for w in p.get("host_waits", []))
+            comm = (f"; communication {p['communication_ms']:.1f} ms, {p['communication_overlapped_ms']:.1f} "
+                    f"beside other kernels" if p.get("communication_ms") else "")
             print(f"{r['gpus']} GPUs, {name}: {p['wall_ms']:.1f} ms, GPU busy {p['busy']:.0%}, "
-                  f"kernels {p['kernel_ms']:.1f} ms ({kinds}); host waited: {waits or 'never'}")
+                  f"kernels {p['kernel_ms']:.1f} ms ({kinds}){comm}; host waited: {waits or 'never'}")
     return 0
 
 

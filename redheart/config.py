@@ -131,6 +131,10 @@ class TrainConfig:
     # dtype in which DDP sums the gradients across GPUs: fp32 | bf16 (half the bytes on the
     # wire; each rank's gradient and the sum rounded to bf16, as PyTorch DDP's bf16_compress_hook)
     grad_reduce: str = "fp32"
+    # DDP on GPUs: start each bucket's all-reduce as soon as the last micro-batch's backward has
+    # written its gradients (also inside a replayed CUDA graph), while the backward goes on
+    # (redheart/dist.py GradReadiness); off: after the whole backward
+    overlap_grad_reduce: bool = True
 
 
 @dataclass

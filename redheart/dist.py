@@ -7,7 +7,9 @@ normalised by the labelled counts of the *whole* step, so the summed gradient eq
 single-process one, whatever the number of ranks. The gradients live in one flat buffer
 (`FlatGrads`) and are all-reduced in place in ~100 MB buckets, all launched before any is
 awaited; every rank calls it once a step even with no samples of its own (short last step),
-so no rank can wait on another forever.
+so no rank can wait on another forever. On GPUs a bucket's all-reduce starts as soon as the
+last micro-batch's backward has written all of its gradients (`GradReadiness`, DDP's overlap
+of communication with the backward), also where that backward is a CUDA graph replay.
 
 With `train.parallel=fsdp` PyTorch's FSDP2 shards instead: each rank keeps 1/N of every
 weight, gradient and AdamW moment (DTensors), gathers a layer's weights for its forward and
@@ -17,10 +19,12 @@ into them with `shard_like`: the files are the same plain tensors under either m
 """
 from __future__ import annotations
 
+import bisect
 import datetime
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -124,38 +128,126 @@ class FlatGrads:
         ends = self._starts[1:] + [self.flat.numel()]
         self.buckets = [self.flat[s:e] for s, e in zip(self._starts, ends)]
         self._low: torch.Tensor | None = None  # the bf16 buffer of a bf16 all-reduce, made on first use
+        self._comm: torch.cuda.Stream | None = None  # the stream of overlapped all-reduces (GradReadiness)
 
     @torch.no_grad()
-    def reattach(self) -> None:
+    def reattach(self) -> bool:
         """Point every `.grad` at its view again, keeping its value (something replaced it) or
-        zero (something cleared it)."""
+        zero (something cleared it). Returns whether all of them still were."""
+        intact = True
         for p, view in zip(self.params, self.views):
             if p.grad is view:
                 continue
+            intact = False
             if p.grad is None:
                 view.zero_()
             else:
                 view.copy_(p.grad)
             p.grad = view
+        return intact
 
-    def all_reduce(self, world: World, dtype: torch.dtype | None = None, skip: set[str] | frozenset = frozenset()
-                   ) -> None:
+    def all_reduce(self, world: World, dtype: torch.dtype | None = None, skip: set[str] | frozenset = frozenset(),
+                   ready: "GradReadiness | None" = None) -> None:
         """Sum the gradients across ranks, in place, bucket by bucket (all launched, then
         awaited), except the buckets of the groups in `skip` (every rank must pass the same).
         With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each rank's
-        gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`)."""
-        self.reattach()
-        sel = [(s, b) for s, b, g in zip(self._starts, self.buckets, self.groups) if g not in skip]
-        lows = [b for _, b in sel]
-        if dtype is not None and dtype != self.flat.dtype:
-            if self._low is None or self._low.dtype != dtype:
-                self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
-            lows = [self._low[s:s + b.numel()].copy_(b) for s, b in sel]
-        works = [dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True) for low in lows]
-        for w, low, (_, b) in zip(works, lows, sel):
-            w.wait()
+        gradient and the sum rounded to bf16, as DDP's `bf16_compress_hook`).
+
+        With `ready` (on a GPU), a bucket that the step's last backward completed (an event
+        marks where) is summed on a stream of its own as soon as that event has passed, while the
+        backward goes on with the others; the rest wait for everything queued before this call.
+        The buckets go in the same order on every rank whatever each one's backward did (from
+        the last to the first: the order a backward completes them), as NCCL needs."""
+        intact = self.reattach()
+        sel = [k for k, g in enumerate(self.groups) if g not in skip][::-1]
+        fired = set(ready.fired) if ready is not None and intact and self.flat.is_cuda else set()
+        comm = None
+        if fired:
+            if self._comm is None:
+                self._comm = torch.cuda.Stream(self.flat.device)
+            comm, main, waited = self._comm, torch.cuda.current_stream(self.flat.device), False
+        lowp = dtype is not None and dtype != self.flat.dtype
+        if lowp and (self._low is None or self._low.dtype != dtype):
+            self._low = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)
+        launched = []
+        for k in sel:
+            b, s = self.buckets[k], self._starts[k]
+            with torch.cuda.stream(comm) if comm is not None else nullcontext():
+                if comm is not None:
+                    if k in fired:
+                        comm.wait_event(ready.events[k])
+                    elif not waited:
+                        comm.wait_stream(main)
+                        waited = True
+                low = self._low[s:s + b.numel()].copy_(b) if lowp else b
+                launched.append((dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True), low, b))
+        for w, low, b in launched:
+            w.wait()  # the current stream waits for the sum (NCCL); gloo: the host does
             if low is not b:
                 b.copy_(low)
+
+
+class GradReadiness:
+    """Which buckets of a `FlatGrads` the backward running now has completed, as DDP's reducer
+    counts them: each parameter reports once when its gradient is written (a post-accumulate
+    hook; the bf16 Linear layers write theirs in their own backward, before their
+    AccumulateGrad node runs), and a bucket whose parameters have all reported is ready. Its
+    event is then recorded on the backward's stream; inside a CUDA graph capture it becomes an
+    event node that each replay records (`external=True`), so `FlatGrads.all_reduce` can start
+    on that bucket while the rest of a replayed backward is still running.
+
+    `begin()` before each tracked backward (the last one begun is what `fired` describes); a
+    parameter reporting twice in one backward (used twice in a forward) would make its bucket
+    look ready too early, so `fired` is then emptied: every bucket waits for the whole backward."""
+
+    def __init__(self, flat: FlatGrads):
+        self.flat = flat
+        ends = flat._starts[1:] + [flat.flat.numel()]
+        self._buckets_of: dict[torch.Tensor, list[int]] = {}
+        self._total = [0] * len(flat.buckets)
+        at = 0
+        for p in flat.params:
+            a, b = at, at + p.numel()
+            first = bisect.bisect_right(flat._starts, a) - 1
+            ks = [k for k in range(first, len(ends)) if flat._starts[k] < b and a < ends[k]]
+            self._buckets_of[p] = ks
+            for k in ks:
+                self._total[k] += 1
+            at = b
+        self.cuda = flat.flat.is_cuda
+        self.events = [torch.cuda.Event(external=True) for _ in flat.buckets] if self.cuda else []
+        self.fired: list[int] = []  # buckets completed by the backward begun last, in that order
+        self._pending = list(self._total)
+        self._seen: set[torch.Tensor] = set()
+        self._stream = None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._written) for p in flat.params]
+
+    def begin(self) -> None:
+        """A backward is about to run on the current stream (also one being captured)."""
+        self._pending, self._seen, self.fired = list(self._total), set(), []
+        self._stream = torch.cuda.current_stream(self.flat.flat.device) if self.cuda else None
+
+    def _written(self, p: torch.Tensor) -> None:
+        if p in self._seen:  # see the class docstring; never in this project's network
+            self._pending = [-1] * len(self._total)
+            self.fired = []
+            return
+        self._seen.add(p)
+        for k in self._buckets_of[p]:
+            self._pending[k] -= 1
+            if self._pending[k] == 0:
+                self.ready(k)
+
+    def ready(self, k: int) -> None:
+        """Bucket `k` has all its gradients (in stream order)."""
+        if self._stream is not None:
+            self.events[k].record(self._stream)
+        self.fired.append(k)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")

@@ -417,3 +417,115 @@ def test_the_all_reduce_leaves_out_the_modules_it_is_told_to(tmp_path):
     """A head without targets in a step has the same (unused) gradient on every rank: its
     buckets, which hold no other module's gradients, are not sent."""
     torch.multiprocessing.spawn(_skip_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+class _Snapshots:
+    """A GradReadiness whose `ready` also copies the bucket as it is at that moment (on the CPU
+    the backward has written exactly what it has run so far)."""
+
+    @staticmethod
+    def make(flat):
+        from redheart.dist import GradReadiness
+
+        class Snap(GradReadiness):
+            def ready(self, k):
+                super().ready(k)
+                self.snaps[k] = self.flat.buckets[k].clone()
+
+        r = Snap(flat)
+        r.snaps = {}
+        return r
+
+
+@pytest.mark.parametrize("lowp", [True, False], ids=["bf16-copies", "autocast"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_bucket_is_ready_only_once_the_backward_has_written_all_of_its_gradients(lowp, checkpointing):
+    """What lets a bucket's all-reduce start during the backward (`GradReadiness`): when it is
+    marked ready, its gradients already hold their final values for that backward. Buckets of
+    37 floats cut across parameters; two accumulated micro-batches, R-Drop on, three of the four
+    towers run (the fourth's buckets are never ready); with the bf16 Linear copies (their own
+    backward writes the weight gradients) and with plain autocast; with the layers recomputed
+    in the backward (activation checkpointing) too."""
+    from redheart.dist import FlatGrads
+    from redheart.model.lowp import LowPrecisionCopies
+    from redheart.model.network import RedHeartNet
+    from redheart.train.step import forward_loss
+
+    cfg = preset("tiny")
+    cfg.model.activation_checkpointing = checkpointing
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model).train()
+    named = list(net.named_parameters())
+    flat = FlatGrads([p for _, p in named], bucket_bytes=37 * 4, groups=[n.split(".", 1)[0] for n, _ in named])
+    if lowp:
+        LowPrecisionCopies(net, torch.bfloat16).refresh()
+        flat.reattach()
+    ready = _Snapshots.make(flat)
+    heads = ["emotion", "bentham", "regret"]
+    g = torch.Generator().manual_seed(1)
+    for mb in range(2):
+        b, n = 3, 9
+        states = torch.randn(b, n, cfg.model.encoder_dim, generator=g)
+        keep = torch.ones(b, n, dtype=torch.bool)
+        keep[0, 6:] = False
+        tgt = {"emotion": torch.softmax(torch.randn(b, 7, generator=g), -1), "bentham": torch.rand(b, 10, generator=g),
+               "regret": torch.rand(b, generator=g), "surd": torch.full((b, 4), 0.25),
+               "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
+               "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.zeros(b, dtype=torch.bool)}
+        counts = {"emotion": 6, "bentham": 6, "regret": 6, "surd": 0}
+        ready.begin()
+        ready.snaps = {}
+        loss, _ = forward_loss(net, states, keep, True, tgt, counts, cfg.tech, cfg.train.head_weights,
+                               torch.bfloat16, heads=heads)
+        loss.backward()
+        surd = {k for k, grp in enumerate(flat.groups) if grp == "surd"}
+        assert set(ready.fired) == set(range(len(flat.buckets))) - surd  # every run module's bucket, once
+        assert len(ready.fired) == len(set(ready.fired)) and len(flat.buckets) > 100
+        for k, snap in ready.snaps.items():
+            assert torch.equal(snap, flat.buckets[k]), f"micro-batch {mb}: bucket {k} marked ready early"
+        assert flat.flat.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lowp", [True, False], ids=["bf16-copies", "autocast"])
+def test_a_layer_called_twice_makes_its_bucket_ready_after_both_and_an_unbegun_backward_none(lowp):
+    """A layer called twice in one forward has its gradient written twice in the backward: its
+    bucket is ready only after the second write (autograd runs a parameter's AccumulateGrad
+    node, whose hook reports it, once all its uses are done, also where the bf16 Linear wrote
+    the gradient itself). A second backward without `begin()` would report every parameter
+    again: nothing is marked ready then."""
+    from redheart.dist import FlatGrads
+    from redheart.model.lowp import Linear, LowPrecisionCopies
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Linear(4, 4), Linear(4, 1))
+    flat = FlatGrads(list(net.parameters()), bucket_bytes=12)
+    if lowp:
+        LowPrecisionCopies(net, torch.bfloat16).refresh()
+        flat.reattach()
+    ready = _Snapshots.make(flat)
+
+    def backward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net[1](net[0](net[0](torch.randn(2, 4))))
+        y.float().sum().backward()
+
+    ready.begin()
+    backward()
+    assert sorted(ready.fired) == list(range(len(flat.buckets))) and len(flat.buckets) == 9  # 25 floats
+    assert all(torch.equal(snap, flat.buckets[k]) for k, snap in ready.snaps.items())
+    backward()  # not begun
+    assert ready.fired == []
+    ready.begin()
+    backward()
+    assert len(ready.fired) == 9
+
+
+def test_the_profile_counts_communication_beside_other_kernels():
+    """`communication_overlapped_ms`: the time an all-reduce kernel ran while another kernel did."""
+    from redheart.train.profile import busy_time, overlap_time
+
+    comm = [(10.0, 20.0), (30.0, 40.0)]
+    other = [(0.0, 12.0), (11.0, 15.0), (35.0, 50.0), (60.0, 70.0)]
+    assert overlap_time(comm, other) == 5.0 + 5.0
+    assert overlap_time(other, comm) == 10.0 and overlap_time(comm, []) == 0.0
+    assert busy_time(other) == 15.0 + 15.0 + 10.0

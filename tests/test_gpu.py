@@ -356,3 +356,91 @@ def test_a_training_step_on_the_gpu_never_waits_for_the_gpu(tmp_path, write_file
     assert summary["kernels"] > 0
     waits = [w for w in summary["host_waits"] if w["call"] != "cudaEventSynchronize"]
     assert waits == [], summary["host_waits"]
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward first keeps the GPU busy (~10 ms): the rest of that backward
+    comes well after anything queued on another stream without waiting for it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.cuda._sleep(20_000_000)
+        return grad
+
+
+def test_a_replayed_graphs_ready_events_pass_only_once_its_backward_has_written_the_bucket():
+    """The overlap of the gradient all-reduce with a replayed backward (`GradReadiness`): the
+    events a CUDA graph's capture turned into event nodes are recorded by each replay, so a
+    stream waiting on bucket k's event after the replay was queued reads bucket k complete. A
+    copy made on a stream that waits only for the replay's start reads it unfinished (the
+    backbone's backward begins with ~10 ms of sleep): the check can fail."""
+    from redheart.dist import FlatGrads, GradReadiness
+
+    cfg = preset("tiny")
+    cfg.model.dropout = 0.0
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model).cuda().train()
+    named = list(net.named_parameters())
+    flat = FlatGrads([p for _, p in named], bucket_bytes=64 * 1024, groups=[n.split(".", 1)[0] for n, _ in named])
+    ready = GradReadiness(flat)
+    net.backbone.register_forward_hook(lambda module, args, out: _SlowBackward.apply(out))
+    graphs = GraphedMicroSteps(net, cfg.tech, cfg.train.head_weights, None, cfg.model.max_tokens, ready=ready)
+    lengths = BATCHES[0]
+    states, keep, tgt, inv = _micro_batch(lengths, cfg.model.encoder_dim, 0)
+    graphs(states, keep, tgt, inv, lengths)  # captured, then replayed once
+    assert sorted(ready.fired) == list(range(len(flat.buckets))) and len(flat.buckets) > 10
+    backbone = [k for k in ready.fired if flat.groups[k] == "backbone"]
+    comm, control = torch.cuda.Stream(), torch.cuda.Stream()
+    snaps = {k: torch.empty_like(b) for k, b in enumerate(flat.buckets)}
+    early = {k: torch.empty_like(b) for k, b in enumerate(flat.buckets)}
+    for replay in range(3):
+        torch.cuda.synchronize()
+        flat.flat.zero_()
+        start = torch.cuda.Event()
+        start.record()
+        graphs(states, keep, tgt, inv, lengths)
+        for k in ready.fired:
+            with torch.cuda.stream(comm):
+                comm.wait_event(ready.events[k])
+                snaps[k].copy_(flat.buckets[k])
+            with torch.cuda.stream(control):
+                control.wait_event(start)
+                early[k].copy_(flat.buckets[k])
+        torch.cuda.synchronize()
+        assert flat.flat.abs().sum() > 0
+        for k in ready.fired:
+            assert torch.equal(snaps[k], flat.buckets[k]), f"replay {replay}: bucket {k} read before its event"
+        assert not all(torch.equal(early[k], flat.buckets[k]) for k in backbone)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_overlapping_the_all_reduce_end_at_the_weights_of_summing_after_the_backward(tmp_path):
+    """`--gpus 2` on two GPUs (NCCL, CUDA graphs, bf16 copies, R-Drop and dropout on): each
+    bucket's all-reduce started inside the last replayed backward gives the weights, EMA and
+    losses of the all-reduce after the whole backward (`train.overlap_grad_reduce=false`), to
+    the rounding of the GPU's attention backward. A bucket summed before its gradients were
+    complete would leave out part of a micro-batch."""
+    from helpers import cli, newest_state
+
+    args = ["unified-train", "--preset", "tiny", "--max-records", "90", "--epochs", "2", "--no-lr-sweep",
+            "--gpus", "2", "--device", "cuda", "--set", "train.grad_accum=4",
+            "--set", "crossover.enabled=false"]
+    states = {}
+    for on in ("true", "false"):
+        out = tmp_path / on
+        res = cli(*args, "--output-dir", str(out), "--set", f"train.overlap_grad_reduce={on}", timeout=400)
+        assert res.returncode == 0, res.stderr[-3000:]
+        states[on] = newest_state(out)
+        logs = "".join(f.read_text() for f in (out / "logs").glob("training_*.log"))
+        assert ("overlapped with the backward" in logs and "event nodes in the CUDA graphs" in logs) == (on == "true")
+    a, b = states["true"], states["false"]
+    assert a["global_step"] == b["global_step"] > 4
+    for k in b["model_state"]:
+        _close(a["model_state"][k].float(), b["model_state"][k].float(), k)
+        _close(a["ema"]["shadow"][k].float(), b["ema"]["shadow"][k].float(), "ema " + k)
+    for ra, rb in zip(a["history"], b["history"]):
+        assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-3 * abs(rb["train"]["loss"])

@@ -33,11 +33,29 @@ def kernel_kind(name: str) -> str:
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals."""
-    total, end = 0.0, float("-inf")
+    return sum(b - a for a, b in merged(intervals))
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as sorted, disjoint intervals."""
+    out: list[list[float]] = []
     for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def overlap_time(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """How long some interval of `x` and some interval of `y` run at the same time."""
+    x, y, i, j, total = merged(x), merged(y), 0, 0, 0.0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
     return total
 
 
@@ -79,9 +97,15 @@ def summarize(prof, trace: Path, wall_s: float) -> dict:
         by_name.setdefault(e["name"], []).append(ms)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
     busy = busy_time([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3
+    spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not
+    for e in gpu:
+        spans[e["cat"] == "kernel" and kernel_kind(e["name"]) == "communication"].append((e["ts"], e["ts"] + e["dur"]))
     wall_ms = wall_s * 1e3
     return {"wall_ms": wall_ms, "gpu_busy_ms": busy, "busy": busy / wall_ms if gpu else 0.0,
             "kernels": len(gpu), "kernel_ms": sum(by_kind.values()),
+            "communication_ms": busy_time(spans[True]) / 1e3,
+            # of which beside other kernels (an all-reduce overlapped with the backward)
+            "communication_overlapped_ms": overlap_time(spans[True], spans[False]) / 1e3,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "calls": len(v), "ms": sum(v), "kind": kernel_kind(n)} for n, v in top],
             "host_top": [{"name": a.key, "calls": a.count, "self_cpu_ms": a.self_cpu_time_total / 1e3}

@@ -78,6 +78,7 @@ class _Graph:
     packing: Packing | None  # its index is the graph's input, rewritten before each replay
     parts: dict[str, torch.Tensor]
     heads: tuple[str, ...] | None  # the towers it runs (None: all four)
+    fired: tuple[int, ...] = ()  # the gradient buckets whose events its replay records (GradReadiness)
 
 
 class GraphedMicroSteps:
@@ -87,8 +88,10 @@ class GraphedMicroSteps:
     few graphs cover every step."""
 
     def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
-                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32, rows_multiple: int = 0):
+                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32, rows_multiple: int = 0,
+                 ready=None):
         self.model, self.tech, self.weights, self.dtype = model, tech, weights, dtype
+        self.ready = ready  # dist.GradReadiness: a replay marks the gradient buckets it completes
         self.max_tokens, self.bucket, self.rows_multiple = max_tokens, bucket, rows_multiple
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -121,12 +124,16 @@ class GraphedMicroSteps:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning, compiling)
             for _ in range(2):
+                self._begin()
                 loss, _ = self._run(g)
                 loss.backward()
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(g.graph, pool=self.pool):
+            self._begin()
             loss, g.parts = self._run(g)
             loss.backward()
+        if self.ready is not None:  # the event nodes captured: each replay records them
+            g.fired = tuple(self.ready.fired)
         with torch.no_grad():  # undo the warm-up's gradients (the capture itself computed nothing)
             torch._foreach_copy_([p.grad for p in self.model.parameters() if p.requires_grad], saved)
         log.debug("captured a CUDA graph for micro-batch %d x %d tokens%s", b, width,
@@ -157,7 +164,13 @@ class GraphedMicroSteps:
         if packing is not None:
             g.packing.index.copy_(packing.index, non_blocking=True)
         g.graph.replay()
+        if self.ready is not None:
+            self.ready.fired = list(g.fired)
         return {k: v.clone() for k, v in g.parts.items()}
+
+    def _begin(self) -> None:
+        if self.ready is not None:
+            self.ready.begin()
 
     def reset(self) -> None:
         """Drop every graph (and its memory), e.g. after an out-of-memory error."""

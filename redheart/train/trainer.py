@@ -30,7 +30,7 @@ from redheart.config import HEADS, Config, ConfigError
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import (LOSS_KEYS, FlatGrads, World, all_objects, any_rank, broadcast, gather_rows, gathered,
+from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, all_objects, any_rank, broadcast, gather_rows, gathered,
                            is_dtensor, is_fsdp, shard_like, shard_model, shard_optimizer_state, sum_scalars,
                            unpack_scalars)
 from redheart.model import varlen
@@ -367,12 +367,21 @@ class Trainer:
         if self.world.active and not self.fsdp:  # buckets within one module: a head without targets is left out
             named = list(self.model.named_parameters())
             self.flat_grads = FlatGrads([p for _, p in named], groups=[n.split(".", 1)[0] for n, _ in named])
+        # and on GPUs each bucket's all-reduce starts when the last backward has completed it
+        self.ready = None
+        if self.flat_grads is not None and device.type == "cuda" and cfg.train.overlap_grad_reduce:
+            self.ready = GradReadiness(self.flat_grads)
         self.packing = use_packing(cfg)
         self.graphs = None
         if use_cuda_graphs(cfg, device) and not self.checkpointing and not self.fsdp:
             self.graphs = GraphedMicroSteps(self.model, cfg.tech, cfg.train.head_weights, self.dtype,
-                                            cfg.model.max_tokens, rows_multiple=PACKED_ROWS_MULTIPLE * self.packing)
+                                            cfg.model.max_tokens, rows_multiple=PACKED_ROWS_MULTIPLE * self.packing,
+                                            ready=self.ready)
         self.varlen = self.packing and use_varlen_attention(cfg, device, self.dtype, self.graphs is not None)
+        if self.ready is not None:
+            log.info("gradient all-reduce overlapped with the backward: each of %d buckets is summed once the "
+                     "last micro-batch's backward has written it%s", len(self.flat_grads.buckets),
+                     " (event nodes in the CUDA graphs)" if self.graphs is not None else "")
         if self.packing:
             rows = f" (CUDA graphs: rows made up to a multiple of {PACKED_ROWS_MULTIPLE})" if self.graphs else ""
             attention = ("within each text's segment of the rows (FlashAttention varlen)" if self.varlen
@@ -455,6 +464,8 @@ class Trainer:
         idx_all = to_device([i for mb in mbs for i in mb], self.device, torch.long) if source.cached else None
         parts_sum: dict[str, torch.Tensor] = {}
         start = 0
+        if self.ready is not None:  # nothing of this step's backward marked yet
+            self.ready.begin()
         for n, mb in enumerate(mbs):
             if self.faults.get("oom_at_step") == self.global_step and attempt < self.faults.get("oom_attempts", 1):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
@@ -471,6 +482,8 @@ class Trainer:
             if self.graphs is not None:
                 parts = self.graphs(states, keep, tgt, inv, lens, heads)
             else:
+                if self.ready is not None:
+                    self.ready.begin()
                 packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
                                            tech, weights, self.dtype, packing=packing, heads=heads)
@@ -599,7 +612,7 @@ class Trainer:
         if self.world.active:  # every rank holds a part of the step: sum gradients (FSDP has) and loss parts
             if self.flat_grads is not None:  # DDP (FSDP has reduce-scattered them in the backward)
                 self.flat_grads.all_reduce(self.world, torch.bfloat16 if self.cfg.train.grad_reduce == "bf16" else None,
-                                           skip=idle)  # hidden below from the norm and AdamW: never read
+                                           skip=idle, ready=self.ready)  # idle: hidden below, never read
             summed = sum_scalars(parts, self.world, self.stop.requested)
         hidden = {p: p.grad for n, p in self.model.named_parameters() if n.split(".", 1)[0] in idle}
         for p in hidden:
