@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import logging
 import os
 import sys
 import warnings
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map_only
 
 BUCKET_BYTES = 100 * 2**20
+log = logging.getLogger("redheart")
 
 
 def is_dtensor(t: object) -> bool:
@@ -196,9 +198,12 @@ class GradReadiness:
     event node that each replay records (`external=True`), so `FlatGrads.all_reduce` can start
     on that bucket while the rest of a replayed backward is still running.
 
-    `begin()` before each tracked backward (the last one begun is what `fired` describes); a
-    parameter reporting twice in one backward (used twice in a forward) would make its bucket
-    look ready too early, so `fired` is then emptied: every bucket waits for the whole backward."""
+    `begin()` before each tracked backward (the last one begun is what `fired` describes). A
+    parameter's AccumulateGrad node runs once all its uses in the backward are done, so a layer
+    called twice reports once. Where the counting cannot be trusted, `fired` is emptied and
+    every bucket waits for the whole backward: a parameter reporting twice (a second backward
+    not begun), or a gradient accumulated on another stream than the backward's (its
+    AccumulateGrad node was made under another stream, e.g. a warm-up's, and kept alive)."""
 
     def __init__(self, flat: FlatGrads):
         self.flat = flat
@@ -220,6 +225,7 @@ class GradReadiness:
         self._pending = list(self._total)
         self._seen: set[torch.Tensor] = set()
         self._stream = None
+        self.untracked: set[str] = set()  # why a backward was not tracked (each said once)
         self._hooks = [p.register_post_accumulate_grad_hook(self._written) for p in flat.params]
 
     def begin(self) -> None:
@@ -228,15 +234,25 @@ class GradReadiness:
         self._stream = torch.cuda.current_stream(self.flat.flat.device) if self.cuda else None
 
     def _written(self, p: torch.Tensor) -> None:
-        if p in self._seen:  # see the class docstring; never in this project's network
-            self._pending = [-1] * len(self._total)
-            self.fired = []
-            return
+        if p in self._seen:  # reported twice: a backward not begun
+            return self._untrack("a backward ran without begin()")
+        if self._stream is not None and torch.cuda.current_stream(self._stream.device) != self._stream:
+            # accumulated on another stream (an AccumulateGrad node made under it and kept alive):
+            # the events on the backward's stream would not follow that work
+            return self._untrack(f"a gradient was accumulated on another stream than the backward's ({p.shape})")
         self._seen.add(p)
         for k in self._buckets_of[p]:
             self._pending[k] -= 1
             if self._pending[k] == 0:
                 self.ready(k)
+
+    def _untrack(self, why: str) -> None:
+        """Nothing of this backward is marked ready: every bucket waits for all of it."""
+        self._pending = [-1] * len(self._total)
+        self.fired = []
+        if why not in self.untracked:
+            self.untracked.add(why)
+            log.warning("gradient all-reduce not overlapped for this backward: %s", why)
 
     def ready(self, k: int) -> None:
         """Bucket `k` has all its gradients (in stream order)."""

@@ -127,6 +127,9 @@ class GraphedMicroSteps:
                 self._begin()
                 loss, _ = self._run(g)
                 loss.backward()
+        # the warm-up's autograd graph, gone: its AccumulateGrad nodes would otherwise serve the
+        # capture and accumulate on the side stream, outside the order the graph's events mark
+        del loss
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(g.graph, pool=self.pool):
             self._begin()
