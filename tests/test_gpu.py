@@ -377,7 +377,8 @@ def test_a_replayed_graphs_ready_events_pass_only_once_its_backward_has_written_
     events a CUDA graph's capture turned into event nodes are recorded by each replay, so a
     stream waiting on bucket k's event after the replay was queued reads bucket k complete. A
     copy made on a stream that waits only for the replay's start reads it unfinished (the
-    backbone's backward begins with ~10 ms of sleep): the check can fail."""
+    backbone's backward begins with ~10 ms of sleep): the check can fail. The other micro-batches
+    of a step replay graphs of their own, without the events."""
     from redheart.dist import FlatGrads, GradReadiness
 
     cfg = preset("tiny")
@@ -416,6 +417,8 @@ def test_a_replayed_graphs_ready_events_pass_only_once_its_backward_has_written_
         for k in ready.fired:
             assert torch.equal(snaps[k], flat.buckets[k]), f"replay {replay}: bucket {k} read before its event"
         assert not all(torch.equal(early[k], flat.buckets[k]) for k in backbone)
+    graphs(states, keep, tgt, inv, lengths, last=False)  # not a step's last micro-batch: a graph without events
+    assert ready.fired == [] and not ready.untracked and len(graphs.graphs) == 2
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -93,7 +93,7 @@ class GraphedMicroSteps:
         self.model, self.tech, self.weights, self.dtype = model, tech, weights, dtype
         self.ready = ready  # dist.GradReadiness: a replay marks the gradient buckets it completes
         self.max_tokens, self.bucket, self.rows_multiple = max_tokens, bucket, rows_multiple
-        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def width(self, length: int) -> int:
@@ -103,7 +103,7 @@ class GraphedMicroSteps:
         return forward_loss(self.model, g.states, g.keep, True, g.targets, g.inv, self.tech, self.weights,
                             self.dtype, cache=False, packing=g.packing, heads=g.heads)
 
-    def _capture(self, b: int, width: int, rows: int, heads: tuple[str, ...] | None, dim: int,
+    def _capture(self, b: int, width: int, rows: int, heads: tuple[str, ...] | None, mark: bool, dim: int,
                  states_dtype: torch.dtype, device: torch.device) -> _Graph:
         for p in self.model.parameters():  # backward must accumulate in place, never allocate
             if p.requires_grad and p.grad is None:
@@ -124,7 +124,7 @@ class GraphedMicroSteps:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, autotuning, compiling)
             for _ in range(2):
-                self._begin()
+                self._begin(mark)
                 loss, _ = self._run(g)
                 loss.backward()
         # the warm-up's autograd graph, gone: its AccumulateGrad nodes would otherwise serve the
@@ -132,7 +132,7 @@ class GraphedMicroSteps:
         del loss
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(g.graph, pool=self.pool):
-            self._begin()
+            self._begin(mark)
             loss, g.parts = self._run(g)
             loss.backward()
         if self.ready is not None:  # the event nodes captured: each replay records them
@@ -144,16 +144,19 @@ class GraphedMicroSteps:
         return g
 
     def __call__(self, states: torch.Tensor, keep: torch.Tensor, tgt: dict[str, torch.Tensor],
-                 inv: torch.Tensor, lengths: list[int] | None = None, heads: list[str] | None = None
-                 ) -> dict[str, torch.Tensor]:
+                 inv: torch.Tensor, lengths: list[int] | None = None, heads: list[str] | None = None,
+                 last: bool = True) -> dict[str, torch.Tensor]:
         """One micro-batch; `lengths` (the texts' token counts) are needed when packing; `heads`:
-        the towers to run (None: all four), each set its own graphs."""
+        the towers to run (None: all four), each set its own graphs. With `ready`, the graphs of a
+        step's `last` micro-batch are others than the rest: only they record the gradient buckets'
+        events."""
         b, n, dim = states.shape
         width = self.width(n)
         packing = None
         if self.rows_multiple:
             packing = plan_packing(lengths, self.tech, states.device, width, self.rows_multiple)
-        key = (b, width, packing.rows if packing else 0, tuple(heads) if heads else None)
+        key = (b, width, packing.rows if packing else 0, tuple(heads) if heads else None,
+               last and self.ready is not None)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key, dim, states.dtype, states.device)
         g = self.graphs[key]
@@ -171,9 +174,9 @@ class GraphedMicroSteps:
             self.ready.fired = list(g.fired)
         return {k: v.clone() for k, v in g.parts.items()}
 
-    def _begin(self) -> None:
+    def _begin(self, mark: bool) -> None:
         if self.ready is not None:
-            self.ready.begin()
+            self.ready.begin(mark)
 
     def reset(self) -> None:
         """Drop every graph (and its memory), e.g. after an out-of-memory error."""

@@ -479,11 +479,12 @@ class Trainer:
                 keep = batch.keep.to(self.device, non_blocking=True)
                 tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
             start += len(mb)
+            last = n == len(mbs) - 1  # only its backward marks the buckets (the all-reduce follows it)
             if self.graphs is not None:
-                parts = self.graphs(states, keep, tgt, inv, lens, heads)
+                parts = self.graphs(states, keep, tgt, inv, lens, heads, last=last)
             else:
                 if self.ready is not None:
-                    self.ready.begin()
+                    self.ready.begin(mark=last)
                 packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
                 loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
                                            tech, weights, self.dtype, packing=packing, heads=heads)
