@@ -149,7 +149,7 @@ class FlatGrads:
         return intact
 
     def all_reduce(self, world: World, dtype: torch.dtype | None = None, skip: set[str] | frozenset = frozenset(),
-                   ready: "GradReadiness | None" = None) -> None:
+                   ready: GradReadiness | None = None) -> None:
         """Sum the gradients across ranks, in place, bucket by bucket (all launched, then
         awaited), except the buckets of the groups in `skip` (every rank must pass the same).
         With `dtype=torch.bfloat16` the sums travel in bf16 (half the bytes; each rank's
@@ -226,7 +226,8 @@ class GradReadiness:
         self._seen: set[torch.Tensor] = set()
         self._stream = None
         self.untracked: set[str] = set()  # why a backward was not tracked (each said once)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._written) for p in flat.params]
+        for p in flat.params:
+            p.register_post_accumulate_grad_hook(self._written)
 
     def begin(self, mark: bool = True) -> None:
         """A backward is about to run on the current stream (also one being captured). With
@@ -237,8 +238,8 @@ class GradReadiness:
         self._stream = torch.cuda.current_stream(self.flat.flat.device) if self.cuda and mark else None
 
     def _written(self, p: torch.Tensor) -> None:
-        if p in self._seen:  # reported twice: a backward not begun
-            return self._untrack("a backward ran without begin()")
+        if p in self._seen:  # reported twice: a backward not begun (one outside the steps: nothing to say)
+            return self._untrack()
         if self._stream is not None and torch.cuda.current_stream(self._stream.device) != self._stream:
             # accumulated on another stream (an AccumulateGrad node made under it and kept alive):
             # the events on the backward's stream would not follow that work
@@ -249,11 +250,11 @@ class GradReadiness:
             if self._pending[k] == 0:
                 self.ready(k)
 
-    def _untrack(self, why: str) -> None:
+    def _untrack(self, why: str = "") -> None:
         """Nothing of this backward is marked ready: every bucket waits for all of it."""
         self._pending = [-1] * len(self._total)
         self.fired = []
-        if why not in self.untracked:
+        if why and why not in self.untracked:
             self.untracked.add(why)
             log.warning("gradient all-reduce not overlapped for this backward: %s", why)
 
@@ -262,11 +263,6 @@ class GradReadiness:
         if self._stream is not None:
             self.events[k].record(self._stream)
         self.fired.append(k)
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
 
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")

@@ -30,9 +30,9 @@ from redheart.config import HEADS, Config, ConfigError
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
-from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, all_objects, any_rank, broadcast, gather_rows, gathered,
-                           is_dtensor, is_fsdp, shard_like, shard_model, shard_optimizer_state, sum_scalars,
-                           unpack_scalars)
+from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, all_objects, any_rank, broadcast, gather_rows,
+                           gathered, is_dtensor, is_fsdp, shard_like, shard_model, shard_optimizer_state,
+                           sum_scalars, unpack_scalars)
 from redheart.model import varlen
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
