@@ -263,7 +263,7 @@ def launch_distributed(args, argv: list[str]) -> int:
         # torchrun passes SIGTERM/SIGINT on to every rank; give them time to save before it kills
         env = {**os.environ, "REDHEART_EXIT_FILE": str(exit_file),
                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")}
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_stop_with_parent(os.getpid()))
         forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
         old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -273,6 +273,25 @@ def launch_distributed(args, argv: list[str]) -> int:
                 signal.signal(s, h)
         # rank 0's own exit code (75 for a clean stop, ...) rather than torchrun's summary of it
         return int(exit_file.read_text()) if exit_file.exists() else code
+
+
+def _stop_with_parent(parent: int):
+    """For torchrun's process: SIGTERM when the launcher dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so its ranks stop after their step and save, as on Ctrl-C, instead of
+    training on without anyone waiting for them."""
+    import signal
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: as before
+            return
+        if os.getppid() != parent:  # the launcher died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def checked_config(args, mode: str) -> tuple[Config, str]:

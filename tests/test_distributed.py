@@ -1,10 +1,12 @@
 """Several processes through torchrun (gloo on CPU): the summed gradients give the weights of
 the single-process run with the same effective batch; outputs are written once."""
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,6 +315,44 @@ def test_sigterm_to_the_launcher_stops_every_rank_cleanly(tmp_path):
     assert "SIGTERM received" in err and "resume with:" in err
     state = newest_state(out)
     assert 0 < state["global_step"] < 40 * state["config"]["train"]["epochs"]
+
+
+def test_a_launcher_killed_outright_stops_every_rank_cleanly(tmp_path):
+    """SIGKILL to the launcher (no chance to pass anything on): torchrun is told by the kernel
+    (PR_SET_PDEATHSIG) and stops its ranks as on Ctrl-C: each finishes its step, rank 0 saves a
+    resume state, and no process of the run is left, long before its 1000 epochs (some minutes) end."""
+    from helpers import _descendants
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "redheart", "unified-train", *ARGS, "--epochs", "1000",
+                             "--gpus", "2", "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "logs").glob("metrics_*.jsonl")):
+        time.sleep(0.5)  # the first epoch is done: training is under way on both ranks
+    left = _descendants(proc.pid)
+    assert len(left) >= 3  # torchrun and its two ranks
+    proc.kill()
+    proc.wait()
+    def running(pid: int) -> bool:  # a zombie has ended, waiting for its parent to collect it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    t0 = time.time()
+    while time.time() - t0 < 120 and any(running(pid) for pid in left):
+        time.sleep(0.5)
+    for pid in [pid for pid in left if running(pid)]:  # the test's own cleanup: never leave them running
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert time.time() - t0 < 60, f"ranks still running {time.time() - t0:.0f} s after the launcher died"
+    state = newest_state(out)
+    assert 0 < state["global_step"] and len(state["history"]) < 20
+    log = "".join(f.read_text() for f in (out / "logs").glob("training_*.log"))
+    assert "SIGTERM received" in log
 
 
 def test_one_rank_failing_ends_the_others_without_a_hang(tmp_path):
