@@ -457,3 +457,50 @@ def test_two_gpus_overlapping_the_all_reduce_end_at_the_weights_of_summing_after
     assert moved > len(init) // 2
     for ra, rb in zip(a["history"], b["history"]):
         assert abs(ra["train"]["loss"] - rb["train"]["loss"]) < 1e-3 * abs(rb["train"]["loss"])
+
+
+def test_capturing_a_graph_leaves_the_random_stream_as_it_found_it():
+    """A capture's random input and warm-ups draw from the GPU's random stream; it is put back,
+    so the dropout masks of training do not depend on when graphs are captured: a micro-batch
+    whose graph is captured on the spot draws the masks (and gives the losses) of one whose
+    graph already exists, and leaves the stream where that one does."""
+    cfg = preset("tiny")
+    assert cfg.model.dropout > 0 and cfg.tech.rdrop_alpha > 0
+    torch.manual_seed(0)
+    net = RedHeartNet(cfg.model).cuda().train()
+    graphs = GraphedMicroSteps(net, cfg.tech, cfg.train.head_weights, None, cfg.model.max_tokens)
+    lengths = BATCHES[0]
+    states, keep, tgt, inv = _micro_batch(lengths, cfg.model.encoder_dim, 0)
+    start = torch.cuda.get_rng_state()
+    first = graphs(states, keep, tgt, inv, lengths)  # captured, then replayed
+    after_first = torch.cuda.get_rng_state()
+    torch.cuda.set_rng_state(start)
+    again = graphs(states, keep, tgt, inv, lengths)  # replayed only
+    assert len(graphs.graphs) == 1
+    assert torch.equal(torch.cuda.get_rng_state(), after_first) and not torch.equal(after_first, start)
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+    third = graphs(states, keep, tgt, inv, lengths)  # the stream has moved on: other masks
+    assert not torch.equal(third["loss"], first["loss"])
+
+
+def test_a_gpu_run_stopped_and_resumed_ends_where_the_straight_run_does(tmp_path):
+    """Exact resume on the GPU (CUDA graphs, dropout and R-Drop on): the resumed process
+    captures its graphs again, which leaves the dropout stream untouched, so it ends at the
+    straight run's weights, EMA and losses (to float rounding of the GPU's kernels)."""
+    from helpers import newest_state, run, tiny_config
+
+    base = dict(data__max_records=80, train__epochs=3, train__grad_accum=4, train__save_every=1,
+                train__device="cuda", crossover__enabled=False)
+    assert run(tiny_config(tmp_path / "a", **base), analysis=False) == 0
+    straight = newest_state(tmp_path / "a")
+    stop_at = straight["global_step"] // 2 + 1
+    assert run(tiny_config(tmp_path / "b", **base), analysis=False, faults={"stop_at_step": stop_at}) == 75
+    assert run(tiny_config(tmp_path / "b", **base), resume="latest", analysis=False) == 0
+    resumed = newest_state(tmp_path / "b")
+    assert resumed["global_step"] == straight["global_step"] > stop_at
+    for k in straight["model_state"]:
+        _close(resumed["model_state"][k].float(), straight["model_state"][k].float(), k, rel=1e-4)
+        _close(resumed["ema"]["shadow"][k].float(), straight["ema"]["shadow"][k].float(), "ema " + k, rel=1e-4)
+    for ra, rb in zip(resumed["history"], straight["history"]):
+        assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4 * abs(rb["val"]["loss"])

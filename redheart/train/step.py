@@ -109,6 +109,10 @@ class GraphedMicroSteps:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         saved = [p.grad.clone() for p in self.model.parameters() if p.requires_grad]
+        # the random input and the warm-ups' dropout draw from the GPU's random stream: put back
+        # after, so that training's dropout masks do not depend on when graphs are captured (a
+        # resumed run captures them again; a step's last micro-batch has graphs of its own)
+        rng = torch.cuda.get_rng_state(device)
         tg = {"emotion": torch.full((b, 7), 1 / 7), "bentham": torch.full((b, 10), 0.5),
               "regret": torch.full((b,), 0.5), "surd": torch.full((b, 4), 0.25),
               "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
@@ -139,6 +143,7 @@ class GraphedMicroSteps:
             g.fired = tuple(self.ready.fired)
         with torch.no_grad():  # undo the warm-up's gradients (the capture itself computed nothing)
             torch._foreach_copy_([p.grad for p in self.model.parameters() if p.requires_grad], saved)
+        torch.cuda.set_rng_state(rng, device)
         log.debug("captured a CUDA graph for micro-batch %d x %d tokens%s", b, width,
                   f" in {rows} packed rows" if rows else "")
         return g
