@@ -47,6 +47,20 @@ def newest_state(root: Path) -> dict:
     return ckio.load(entries[-1]["path"], entries[-1]["sha256"])
 
 
+def straight_and_resumed(root: Path, **sections) -> tuple[dict, dict]:
+    """The final states of a run straight through (`root/a`) and of the same run stopped in its
+    middle step and resumed (`root/b`), for an exact-resume comparison."""
+    assert run(tiny_config(root / "a", **sections), analysis=False) == 0
+    straight = newest_state(root / "a")
+    stop_at = straight["global_step"] // 2 + 1
+    assert run(tiny_config(root / "b", **sections), analysis=False, faults={"stop_at_step": stop_at}) == 75
+    assert newest_state(root / "b")["global_step"] == stop_at
+    assert run(tiny_config(root / "b", **sections), resume="latest", analysis=False) == 0
+    resumed = newest_state(root / "b")
+    assert resumed["global_step"] == straight["global_step"] > stop_at
+    return straight, resumed
+
+
 def same_tensors(a: dict, b: dict) -> list[str]:
     """Keys whose tensors differ (bit for bit)."""
     assert set(a) == set(b), set(a) ^ set(b)

@@ -58,7 +58,7 @@ def test_background_writes_overlap_training_and_equal_the_synchronous_states(tmp
     sync, bg = _states(tmp_path / "sync"), _states(tmp_path / "async")
     assert sorted(sync) == sorted(bg) and len(bg) == 2
     first = min(bg)
-    written = log.index(f"resume state written in the background: resume_state_")
+    written = log.index("resume state written in the background: resume_state_")
     assert f"_step{first:08d}.pt" in log[written:written + 120]
     assert log.index("epoch 2/2: train loss") < written  # epoch 2 finished while epoch 1's state was written
     for step in sync:

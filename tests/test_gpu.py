@@ -488,17 +488,10 @@ def test_a_gpu_run_stopped_and_resumed_ends_where_the_straight_run_does(tmp_path
     """Exact resume on the GPU (CUDA graphs, dropout and R-Drop on): the resumed process
     captures its graphs again, which leaves the dropout stream untouched, so it ends at the
     straight run's weights, EMA and losses (to float rounding of the GPU's kernels)."""
-    from helpers import newest_state, run, tiny_config
+    from helpers import straight_and_resumed
 
-    base = dict(data__max_records=80, train__epochs=3, train__grad_accum=4, train__save_every=1,
-                train__device="cuda", crossover__enabled=False)
-    assert run(tiny_config(tmp_path / "a", **base), analysis=False) == 0
-    straight = newest_state(tmp_path / "a")
-    stop_at = straight["global_step"] // 2 + 1
-    assert run(tiny_config(tmp_path / "b", **base), analysis=False, faults={"stop_at_step": stop_at}) == 75
-    assert run(tiny_config(tmp_path / "b", **base), resume="latest", analysis=False) == 0
-    resumed = newest_state(tmp_path / "b")
-    assert resumed["global_step"] == straight["global_step"] > stop_at
+    straight, resumed = straight_and_resumed(tmp_path, data__max_records=80, train__epochs=3, train__grad_accum=4,
+                                             train__save_every=1, train__device="cuda", crossover__enabled=False)
     for k in straight["model_state"]:
         _close(resumed["model_state"][k].float(), straight["model_state"][k].float(), k, rel=1e-4)
         _close(resumed["ema"]["shadow"][k].float(), straight["ema"]["shadow"][k].float(), "ema " + k, rel=1e-4)

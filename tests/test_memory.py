@@ -14,7 +14,7 @@ from redheart.model.network import RedHeartNet
 from redheart.train.memory import estimate
 from redheart.train.trainer import build_optimizer
 
-from helpers import newest_state, run, same_tensors, tiny_config
+from helpers import newest_state, run, same_tensors, straight_and_resumed, tiny_config
 
 # No dropout and no R-Drop: a changed micro-batch then changes only the summation order.
 EXACT = dict(data__max_records=60, train__epochs=1, train__grad_accum=8, model__dropout=0.0,
@@ -104,14 +104,8 @@ def test_a_run_under_the_swap_manager_stops_and_resumes_exactly(tmp_path):
     the restored weights (else the first step after the resume writes the initial weights
     plus one update back into the model: the 730m curve on the H200 jumped back to its
     step-0 loss)."""
-    base = dict(data__max_records=60, train__epochs=2, train__grad_accum=4, tech__rdrop_alpha=0.0,
-                memory__swap="on")
-    assert run(tiny_config(tmp_path / "a", **base), analysis=False) == 0
-    straight = newest_state(tmp_path / "a")
-    stop_at = straight["global_step"] // 2 + 1
-    assert run(tiny_config(tmp_path / "b", **base), analysis=False, faults={"stop_at_step": stop_at}) == 75
-    assert run(tiny_config(tmp_path / "b", **base), resume="latest", analysis=False) == 0
-    resumed = newest_state(tmp_path / "b")
+    straight, resumed = straight_and_resumed(tmp_path, data__max_records=60, train__epochs=2, train__grad_accum=4,
+                                             tech__rdrop_alpha=0.0, memory__swap="on")
     assert same_tensors(straight["model_state"], resumed["model_state"]) == []
     assert same_tensors(straight["ema"]["shadow"], resumed["ema"]["shadow"]) == []
 

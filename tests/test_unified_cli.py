@@ -1,7 +1,6 @@
 """The guide's main command end to end, in a real process: LR sweep -> training -> Sweet Spot ->
 Crossover, with SAMPLES honoured, every output written, and the final model usable."""
 import json
-import os
 
 import torch
 

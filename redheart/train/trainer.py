@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import math
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from redheart.ckpt import io as ckio
 from redheart.ckpt.retention import select_deletions
 from redheart.ckpt.sweetspot import pinned_epochs
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
-from redheart.config import HEADS, Config, ConfigError
+from redheart.config import Config, ConfigError
 from redheart.data.dataset import epoch_plan, micro_batches, shard
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
