@@ -129,6 +129,15 @@ class FlatGrads:
                 self.groups.append(key)
         ends = self._starts[1:] + [self.flat.numel()]
         self.buckets = [self.flat[s:e] for s, e in zip(self._starts, ends)]
+        self.param_buckets: list[list[int]] = []  # the buckets each parameter's gradient lies in
+        at = 0
+        for p in self.params:
+            k = bisect.bisect_right(self._starts, at) - 1
+            self.param_buckets.append([])
+            while k < len(self._starts) and self._starts[k] < at + p.numel():
+                self.param_buckets[-1].append(k)
+                k += 1
+            at += p.numel()
         self._low: torch.Tensor | None = None  # the bf16 buffer of a bf16 all-reduce, made on first use
         self._comm: torch.cuda.Stream | None = None  # the stream of overlapped all-reduces (GradReadiness)
 
@@ -207,18 +216,11 @@ class GradReadiness:
 
     def __init__(self, flat: FlatGrads):
         self.flat = flat
-        ends = flat._starts[1:] + [flat.flat.numel()]
-        self._buckets_of: dict[torch.Tensor, list[int]] = {}
-        self._total = [0] * len(flat.buckets)
-        at = 0
-        for p in flat.params:
-            a, b = at, at + p.numel()
-            first = bisect.bisect_right(flat._starts, a) - 1
-            ks = [k for k in range(first, len(ends)) if flat._starts[k] < b and a < ends[k]]
-            self._buckets_of[p] = ks
+        self._buckets_of = dict(zip(flat.params, flat.param_buckets))
+        self._total = [0] * len(flat.buckets)  # parameters in each bucket
+        for ks in flat.param_buckets:
             for k in ks:
                 self._total[k] += 1
-            at = b
         self.cuda = flat.flat.is_cuda
         self.events = [torch.cuda.Event(external=True) for _ in flat.buckets] if self.cuda else []
         self.fired: list[int] = []  # buckets completed by the backward begun last, in that order

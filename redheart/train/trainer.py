@@ -464,7 +464,7 @@ class Trainer:
         parts_sum: dict[str, torch.Tensor] = {}
         start = 0
         if self.ready is not None:  # nothing of this step's backward marked yet
-            self.ready.begin()
+            self.ready.begin(mark=False)
         for n, mb in enumerate(mbs):
             if self.faults.get("oom_at_step") == self.global_step and attempt < self.faults.get("oom_attempts", 1):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
