@@ -167,6 +167,7 @@ class FlatGrads:
         With `ready` (on a GPU), a bucket that the step's last backward completed (an event
         marks where) is summed on a stream of its own as soon as that event has passed, while the
         backward goes on with the others; the rest wait for everything queued before this call.
+        In bf16 each bucket's sum is also copied back on that stream as soon as it has arrived.
         The buckets go in the same order on every rank whatever each one's backward did (from
         the last to the first: the order a backward completes them), as NCCL needs."""
         intact = self.reattach()
@@ -191,11 +192,18 @@ class FlatGrads:
                         comm.wait_stream(main)
                         waited = True
                 low = self._low[s:s + b.numel()].copy_(b) if lowp else b
-                launched.append((dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True), low, b))
-        for w, low, b in launched:
-            w.wait()  # the current stream waits for the sum (NCCL); gloo: the host does
+                work = dist.all_reduce(low, op=dist.ReduceOp.SUM, async_op=True)
+                if comm is not None and lowp:  # the bf16 sum copied back on this stream, as it arrives
+                    work.wait()
+                    b.copy_(low)
+                    continue
+                launched.append((work, low, b))
+        for work, low, b in launched:
+            work.wait()  # the current stream waits for the sum (NCCL); gloo: the host does
             if low is not b:
                 b.copy_(low)
+        if comm is not None:
+            main.wait_stream(comm)
 
 
 class GradReadiness:

@@ -366,10 +366,15 @@ def test_one_rank_failing_ends_the_others_without_a_hang(tmp_path):
     assert time.time() - t0 < 240
 
 
-@pytest.mark.parametrize("world,micro_batch", [(2, 2), (4, 2), (4, 8), (3, 64), (4, 64)])
-def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_batch):
-    """The slowest rank sets the pace: the shares of a step must cost alike (padded tokens of the
-    micro-batches each rank cuts), far better than every world-th sample of a random step."""
+@pytest.mark.parametrize("world,micro_batch,budget", [(2, 2, 0), (4, 2, 0), (4, 8, 0), (3, 64, 0), (4, 64, 0),
+                                                     (2, 8, 1024), (3, 16, 2048)])
+def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_batch, budget):
+    """The slowest rank sets the pace: summed over the steps, the costliest share (padded tokens
+    of the micro-batches its rank cuts) must cost less than with every world-th sample and than
+    with the samples dealt in snake order of length (every rank the same spread of lengths). Each
+    rank cuts its share into exactly the micro-batches it was dealt, as many as the others' (within
+    one), and together they are the micro-batches one process would cut from the step (where it
+    holds at least one for every rank)."""
     from redheart.data.dataset import micro_batches, shard
 
     g = torch.Generator().manual_seed(0)
@@ -377,19 +382,55 @@ def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_b
     perm = torch.randperm(1000, generator=g).tolist()
 
     def cost(ids):
-        return sum(len(mb) * max(int(lengths[i]) for i in mb) for mb in micro_batches(ids, lengths, micro_batch))
+        return sum(len(mb) * max(int(lengths[i]) for i in mb) for mb in micro_batches(ids, lengths, micro_batch, budget))
 
-    worst_balanced = worst_strided = 0.0
+    def snake(step, r):
+        order = sorted(step, key=lambda i: (-int(lengths[i]), i))
+        return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
+
+    slowest = {"dealt": 0, "strided": 0, "snake": 0}  # summed over the steps
+    mean = 0.0
     for s in range(0, 1000, 64):
         step = perm[s:s + 64]
-        shares = [shard(step, r, world, lengths) for r in range(world)]
+        shares = [shard(step, r, world, lengths, micro_batch, budget) for r in range(world)]
         assert sorted(i for sh in shares for i in sh) == sorted(step)
-        costs = [cost(sh) for sh in shares if sh]
-        strided = [cost(step[r::world]) for r in range(world)]
-        worst_balanced = max(worst_balanced, max(costs) / (sum(costs) / world))
-        worst_strided = max(worst_strided, max(strided) / (sum(strided) / world))
-    assert worst_balanced < 1.2, worst_balanced
-    assert worst_balanced < worst_strided - 0.05, (worst_balanced, worst_strided)
+        cuts = [micro_batches(sh, lengths, micro_batch, budget) for sh in shares]
+        if micro_batch * world <= len(step):
+            assert sorted(mb for c in cuts for mb in c) == sorted(micro_batches(step, lengths, micro_batch, budget))
+            assert max(map(len, cuts)) - min(map(len, cuts)) <= 1
+        slowest["dealt"] += max(map(cost, shares))
+        slowest["strided"] += max(cost(step[r::world]) for r in range(world))
+        slowest["snake"] += max(cost(snake(step, r)) for r in range(world))
+        mean += sum(map(cost, shares)) / world
+    assert slowest["dealt"] <= slowest["snake"], slowest
+    if micro_batch * world <= 64:  # (else a rank's share is one micro-batch whichever way it is dealt)
+        assert slowest["dealt"] < 0.95 * slowest["strided"], slowest
+    if micro_batch * world <= 16:  # many micro-batches to a rank: little left uneven, and less than in snake order
+        assert slowest["dealt"] < 1.02 * mean and slowest["dealt"] < 0.98 * slowest["snake"], (slowest, mean)
+
+
+def test_micro_batches_are_dealt_to_ranks_of_equal_counts_and_near_equal_costs():
+    """`deal`: on random small cases, the costliest rank's total is the best possible one (every
+    split into equal halves tried) in at least 9 cases of 10, and never 4% over it. Dealing the
+    costliest first to the cheapest rank alone is best in only about 6 of 10: the swaps count."""
+    import itertools
+    import random
+
+    from redheart.data.dataset import deal
+
+    rnd, best_found, cases = random.Random(0), 0, 300
+    for _ in range(cases):
+        n = rnd.choice([6, 8, 10])
+        costs = [rnd.choice(range(32, 257, 32)) * rnd.choice([2, 3, 4]) for _ in range(n)]
+        bins = deal(costs, 2)
+        assert sorted(k for b in bins for k in b) == list(range(n)) and len(bins[0]) == len(bins[1])
+        got = max(sum(costs[k] for k in b) for b in bins)
+        best = min(max(sum(costs[k] for k in c), sum(costs) - sum(costs[k] for k in c))
+                   for c in itertools.combinations(range(n), n // 2))
+        assert got <= 1.04 * best, (costs, got, best)
+        best_found += got == best
+    assert best_found >= 0.9 * cases, best_found
+    assert deal([5.0, 1.0, 1.0], 2) in ([[0], [1, 2]], [[0, 2], [1]])  # counts within one: 2 and 1
 
 
 def test_flat_gradients_are_views_of_one_buffer_and_survive_replacement():

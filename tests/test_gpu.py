@@ -422,17 +422,19 @@ def test_a_replayed_graphs_ready_events_pass_only_once_its_backward_has_written_
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_two_gpus_overlapping_the_all_reduce_end_at_the_weights_of_summing_after_the_backward(tmp_path):
+@pytest.mark.parametrize("reduce", ["fp32", "bf16"])
+def test_two_gpus_overlapping_the_all_reduce_end_at_the_weights_of_summing_after_the_backward(tmp_path, reduce):
     """`--gpus 2` on two GPUs (NCCL, CUDA graphs, bf16 copies, R-Drop and dropout on): each
     bucket's all-reduce started inside the last replayed backward changes every weight as the
     all-reduce after the whole backward does (`train.overlap_grad_reduce=false`), to 1% of the
     largest change in each tensor, and gives the same losses. A bucket summed before its
-    gradients were complete would leave out part of a micro-batch from them."""
+    gradients were complete would leave out part of a micro-batch from them; in bf16, a sum
+    copied back before it had arrived would leave out the other rank's share."""
     from helpers import cli, newest_state
 
     args = ["unified-train", "--preset", "tiny", "--max-records", "90", "--epochs", "2", "--no-lr-sweep",
             "--gpus", "2", "--device", "cuda", "--set", "train.grad_accum=4",
-            "--set", "crossover.enabled=false"]
+            "--set", "crossover.enabled=false", "--set", f"train.grad_reduce={reduce}"]
     states = {}
     for on in ("true", "false"):
         out = tmp_path / on

@@ -8,6 +8,7 @@ in the same step and the same loss normalisation.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,21 +149,63 @@ def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int, toke
     return out
 
 
-def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None = None) -> list[int]:
+def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None = None, micro_batch: int = 1,
+          token_budget: int = 0, cost: Callable[[list[int]], float] | None = None) -> list[int]:
     """This rank's share of a step's samples: disjoint parts that cost alike.
 
-    The slowest rank sets the pace of every step, so the shares are balanced: the step is
-    sorted by length and its samples dealt to the ranks in snake order (0,1,..,N-1,N-1,..,0,
-    ...). Every rank then holds the same number of samples with the same spread of lengths,
-    and cuts its share into micro-batches of similar length itself. Without lengths: every
-    world-th sample.
+    The slowest rank sets the pace of every step, so the shares are balanced: the step is cut
+    into micro-batches as one process would cut it (`micro_batches` with `micro_batch` and
+    `token_budget`), and these are dealt out (`deal`) so that every rank gets as many of them
+    (within one) and the ranks' summed `cost` of a micro-batch (default: its padded tokens) is
+    as even as it can be made. Cutting a rank's share again with the same `micro_batch` and
+    `token_budget` gives back exactly the micro-batches it was dealt (they are runs of one
+    length order, and where a cut falls depends only on a micro-batch's count and its first
+    length). A step of fewer micro-batches than ranks (a short last one) is dealt sample by
+    sample in snake order of length: every rank then holds the same spread of lengths. Without
+    lengths: every world-th sample.
     """
     if world == 1:
         return list(step)
     if lengths is None:
         return step[rank::world]
-    order = sorted(step, key=lambda i: (-int(lengths[i]), i))
-    return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    groups = micro_batches(step, lengths, micro_batch, token_budget)
+    if len(groups) < world:  # fewer micro-batches than ranks: samples dealt in snake order (0,1,..,N-1,N-1,..,0,..)
+        order = [i for g in groups for i in g]  # by length
+        return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    costs = [cost(g) if cost is not None else len(g) * int(lengths[g[0]]) for g in groups]
+    mine = deal(costs, world)[rank]
+    return [i for k in sorted(mine) for i in groups[k]]
+
+
+def deal(costs: list[float], world: int) -> list[list[int]]:
+    """Items (by index) to `world` bins of equal counts (within one) whose summed costs are
+    close: each item, costliest first, to the cheapest bin with room, then the swap of one item
+    between the costliest bin and another that evens them most, while one still does. Each swap
+    lowers the sum of the squared totals, so this ends; a pure function of its inputs."""
+    room = -(-len(costs) // world)
+    bins: list[list[int]] = [[] for _ in range(world)]
+    total = [0.0] * world
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        r = min((r for r in range(world) if len(bins[r]) < room), key=lambda r: (total[r], r))
+        bins[r].append(k)
+        total[r] += costs[k]
+    while True:
+        hi = max(range(world), key=lambda r: (total[r], -r))
+        best = None  # (how uneven the pair ends, other bin, item of hi's, item of the other's)
+        for lo in range(world):
+            gap = total[hi] - total[lo]
+            for a in bins[hi] if lo != hi else ():
+                for b in bins[lo]:
+                    d = costs[a] - costs[b]
+                    if 0 < d < gap and (best is None or abs(gap - 2 * d) < best[0]):
+                        best = (abs(gap - 2 * d), lo, a, b)
+        if best is None:
+            return bins
+        _, lo, a, b = best
+        bins[hi][bins[hi].index(a)], bins[lo][bins[lo].index(b)] = b, a
+        d = costs[a] - costs[b]
+        total[hi] -= d
+        total[lo] += d
 
 
 @dataclass

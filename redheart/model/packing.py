@@ -88,10 +88,8 @@ def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple
     `segments`, the offsets of the texts and of the rows' free tails (`Packing.cu`)."""
     width = width or max(lengths)
     rows = first_fit(lengths, width)
-    n_rows, lens = len(rows), np.asarray(lengths)
-    if rows_multiple:
-        n_rows = min(len(lengths), -(-n_rows // rows_multiple) * rows_multiple)
-    elif n_rows == len(lengths):
+    n_rows, lens = packed_rows(lengths, width, rows_multiple, rows), np.asarray(lengths)
+    if not rows_multiple and n_rows == len(lengths):
         return None
     index = np.empty(n_rows * width, dtype=np.int64)
     filled = np.zeros(n_rows * width, dtype=bool)
@@ -116,6 +114,13 @@ def plan(lengths: list[int], device: torch.device, width: int = 0, rows_multiple
         flat = flat.pin_memory().to(device, non_blocking=True)
         cu = cu.pin_memory().to(device, non_blocking=True) if cu is not None else None
     return Packing(flat, len(lengths), n_rows, width, cu)
+
+
+def packed_rows(lengths: list[int], width: int, rows_multiple: int = 0, rows: list[list[int]] | None = None) -> int:
+    """How many rows of `width` the texts are packed into (`plan`): first fit, made up to a
+    multiple of `rows_multiple` (at most one row per text)."""
+    n = len(rows if rows is not None else first_fit(lengths, width))
+    return min(len(lengths), -(-n // rows_multiple) * rows_multiple) if rows_multiple else n
 
 
 def padded_fraction(lengths: list[int]) -> tuple[int, int, int]:

@@ -36,6 +36,7 @@ from redheart.model import varlen
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
 from redheart.model.network import Block, RedHeartNet
+from redheart.model.packing import packed_rows
 from redheart.train import memory
 from redheart.train.ema import EMA
 from redheart.train.flops import measure_peak_tflops, train_flops
@@ -428,7 +429,7 @@ class Trainer:
         counts = self.train_data.head_counts(step)
         self._step_counts, self._step_heads = counts, self.towers_run(counts)
         lengths = self.train_data.lengths
-        mine = shard(step, self.world.rank, self.world.size, lengths)
+        mine = self._share(step, self.world.rank)
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
@@ -437,7 +438,7 @@ class Trainer:
                 own = len(mbs)
                 if self.fsdp:  # every forward and backward gathers weights from all ranks: all
                     # run as many micro-batches as the busiest rank, extra ones with zero loss weight
-                    busiest = max(len(micro_batches(shard(step, r, self.world.size, lengths), lengths,
+                    busiest = max(len(micro_batches(self._share(step, r), lengths,
                                                     self.micro_batch, self.micro_batch_tokens))
                                   for r in range(self.world.size))
                     mbs += [step[:1]] * (busiest - own)
@@ -447,6 +448,24 @@ class Trainer:
                 self._recover_from_oom(exc, attempt)
                 if rng is not None:
                     restore_rng(rng)
+
+    def _share(self, step: list[int], rank: int) -> list[int]:
+        """A rank's samples of the step (`shard`): the step cut into micro-batches of the
+        configured size (the same on every rank, whatever an out-of-memory retry did to one
+        rank's), dealt out by what each costs the token-wise layers."""
+        return shard(step, rank, self.world.size, self.train_data.lengths, self.cfg.train.micro_batch,
+                     self.cfg.train.micro_batch_tokens, self._micro_batch_cost)
+
+    def _micro_batch_cost(self, mb: list[int]) -> int:
+        """The tokens the token-wise layers process for this micro-batch as it will run: rows x
+        width, with R-Drop's doubled batch, packed rows (made up for the graphs) and the graphs'
+        bucketed width. A micro-batch also costs fixed work (launches, towers), but every rank is
+        dealt as many micro-batches (within one), so that part is even anyway."""
+        lens = [int(self.train_data.lengths[i]) for i in mb] * (2 if self.cfg.tech.rdrop_alpha > 0 else 1)
+        width = self.graphs.width(max(lens)) if self.graphs is not None else max(lens)
+        if not self.packing:
+            return len(lens) * width
+        return packed_rows(lens, width, self.graphs.rows_multiple if self.graphs is not None else 0) * width
 
     def _accumulate(self, mbs: list[list[int]], own: int, counts: dict[str, int],
                     attempt: int) -> dict[str, torch.Tensor]:
