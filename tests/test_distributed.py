@@ -409,6 +409,41 @@ def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_b
         assert slowest["dealt"] < 1.02 * mean and slowest["dealt"] < 0.98 * slowest["snake"], (slowest, mean)
 
 
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_path, write_file, packing):
+    """What the trainer deals micro-batches by (`_micro_batch_cost`) is what the backbone's
+    layers are then given: rows x width of R-Drop's doubled batch, packed or padded (texts of
+    3 to 60 words, so that short ones share rows beside a long one)."""
+    from helpers import tiny_config
+    from redheart.ckpt.state import RunPaths
+    from redheart.session import build_session
+    from redheart.train.trainer import Trainer
+
+    words = "the neighbour kept my ladder and I felt I should ask again before winter".split()
+    data = write_file("lengths.jsonl", [{"id": f"r{i}", "text": " ".join(words[j % len(words)] for j in range(3 + (i * 37) % 58)),
+                                         "regret": (i % 10) / 10} for i in range(80)])
+    cfg = tiny_config(tmp_path, data__paths=[str(data)], train__device="cpu", train__micro_batch=4,
+                      train__grad_accum=1, train__micro_batch_tokens=0, train__packing=packing)
+    assert cfg.tech.rdrop_alpha > 0
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(tmp_path, "cost"), session.data, session.features, session.device)
+    shapes = []
+    trainer.model.backbone.stack.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[:2])))
+    n, widths = len(trainer.train_data), set()
+    by_length = sorted(range(n), key=lambda i: int(trainer.train_data.lengths[i]))
+    mixed = [[by_length[-1 - k]] + by_length[3 * k:3 * k + 3] for k in range(4)]  # a long text, three short
+    for mb in [list(range(s, s + 4)) for s in range(0, n - 3, 4)] + mixed:
+        shapes.clear()
+        trainer.accumulate(mb)
+        trainer.zero_grad()
+        assert len(shapes) == 1, shapes  # one micro-batch, R-Drop's two passes in one forward
+        assert trainer._micro_batch_cost(mb) == shapes[0][0] * shapes[0][1], (mb, shapes)
+        widths.add(shapes[0])
+    assert len(widths) > 3  # micro-batches of many shapes were compared
+    if packing == "on":
+        assert any(rows < 8 for rows, _ in widths)  # some texts shared rows
+
+
 def test_micro_batches_are_dealt_to_ranks_of_equal_counts_and_near_equal_costs():
     """`deal`: on random small cases, the costliest rank's total is the best possible one (every
     split into equal halves tried) in at least 9 cases of 10, and never 4% over it. Dealing the
