@@ -89,9 +89,9 @@ def main() -> int:
         if "samples_per_s" not in r:
             print(f"{r['gpus']:>4} failed: {r['error'][-300:]}")
             continue
-        eff = r["samples_per_s"] / (r["gpus"] * base) if base else float("nan")
+        eff = f"{r['samples_per_s'] / (r['gpus'] * base):.1%}" if base else "- (no 1-GPU run)"
         print(f"{r['gpus']:>4} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['epoch_s']:>8.1f} "
-              f"{(r['peak_gib'] or 0):>9.1f} {eff:>10.1%}")
+              f"{(r['peak_gib'] or 0):>9.1f} {eff:>11}")
     for r in rows:  # --profile-step: each rank's profiled step
         for name, p in r.get("profiles", {}).items():
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
