@@ -211,13 +211,13 @@ def main() -> int:
         except Exception as exc:  # one failing variant must not lose the others' figures
             print(f"{name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
             results.append({"name": name, "config": pairs, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            del trainer
+            trainer = None  # its memory freed before the next variant
             set_inductor(restore_inductor)
             continue
         if stopped:
             results.append({"name": name, "config": pairs, "stopped_at": len(losses),
                             "losses": [float(x) for x in losses]})
-            del trainer
+            trainer = None  # its memory freed before the next variant
             set_inductor(restore_inductor)
             continue
         if state_file is not None and state_file.exists():
@@ -260,7 +260,7 @@ def main() -> int:
               f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None}, "
               f"bf16 copies {trainer.lowp is not None and ('fused' if trainer.lowp.fused else 'unfused')}, "
               f"graphs captured while timing {r['graphs_captured_timed']})", flush=True)
-        del trainer
+        trainer = None  # its memory freed before the next variant
         set_inductor(restore_inductor)
         write_results(args, peak, device, results)  # after every variant: a cut-off call keeps the others
     write_results(args, peak, device, results)

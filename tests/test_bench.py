@@ -6,7 +6,9 @@ import importlib.util
 import json
 import sys
 
-from helpers import ROOT, SAMPLE
+import pytest
+
+from helpers import ROOT, SAMPLE, SHARED_DATA
 
 spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
 bench_train = importlib.util.module_from_spec(spec)
@@ -140,3 +142,34 @@ def test_the_plain_reference_trains(tmp_path, capsys, monkeypatch):
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * 64
         assert len(r["losses"]) == 10 and r["losses"][-1] < r["losses"][0]
         assert abs(r["step_s"] * r["samples_per_s"] - 4) < 1e-6  # 4 samples an optimizer step
+
+
+@pytest.mark.parametrize("corpus", ["sample", "public"])
+def test_the_shares_benchmark_finds_the_dealt_shares_lighter_than_snake_order(capsys, monkeypatch, corpus):
+    """`bench/bench_shares.py` (the 730m preset's configuration, texts tokenised only): a row per
+    GPU count and dealing; the trainer's shares never leave the slowest rank more work than texts
+    in snake order, nor more work in all. On the public corpus's mix of long Scruples texts and
+    short GoEmotions ones, less."""
+    data = [str(SAMPLE)]
+    if corpus == "public":
+        files = [SHARED_DATA / "scruples_anecdotes.jsonl.gz", SHARED_DATA / "goemotions_en_train.tsv.gz"]
+        if not all(f.is_file() for f in files):
+            pytest.skip(f"the public corpus is not beside the repository ({SHARED_DATA})")
+        data = [f"scruples:{files[0]}", f"goemotions:{files[1]}"]
+    spec = importlib.util.spec_from_file_location("bench_shares", ROOT / "bench" / "bench_shares.py")
+    bench_shares = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_shares)
+    monkeypatch.setattr(sys, "argv", ["bench_shares.py", "--gpus", "2", "4", "--records", "6400",
+                                      *[a for d in data for a in ("--data", d)]])
+    bench_shares.main()
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = line.split()
+        if len(cells) == 5 and cells[0].isdigit():
+            rows[int(cells[0]), cells[1]] = (int(cells[2].replace(",", "")), int(cells[4].replace(",", "")))
+    assert set(rows) == {(2, "snake"), (2, "dealt"), (4, "snake"), (4, "dealt")}
+    for world in (2, 4):
+        assert rows[world, "dealt"][0] <= rows[world, "snake"][0], rows
+        assert rows[world, "dealt"][1] <= rows[world, "snake"][1], rows
+        if corpus == "public":
+            assert rows[world, "dealt"][0] < 0.98 * rows[world, "snake"][0], rows

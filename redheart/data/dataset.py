@@ -153,28 +153,35 @@ def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None =
           token_budget: int = 0, cost: Callable[[list[int]], float] | None = None) -> list[int]:
     """This rank's share of a step's samples: disjoint parts that cost alike.
 
-    The slowest rank sets the pace of every step, so the shares are balanced: the step is cut
+    The slowest rank sets the pace of every step, so the shares are balanced. The step is cut
     into micro-batches as one process would cut it (`micro_batches` with `micro_batch` and
-    `token_budget`), and these are dealt out (`deal`) so that every rank gets as many of them
-    (within one) and the ranks' summed `cost` of a micro-batch (default: its padded tokens) is
-    as even as it can be made. Cutting a rank's share again with the same `micro_batch` and
-    `token_budget` gives back exactly the micro-batches it was dealt (they are runs of one
-    length order, and where a cut falls depends only on a micro-batch's count and its first
-    length). A step of fewer micro-batches than ranks (a short last one) is dealt sample by
-    sample in snake order of length: every rank then holds the same spread of lengths. Without
-    lengths: every world-th sample.
+    `token_budget`), and these are dealt out (`deal`): every rank gets as many (within one) and
+    the ranks' summed `cost` of a micro-batch (default: its padded tokens) is made as even as it
+    can be. Cutting a rank's share again with the same `micro_batch` and `token_budget` gives
+    back exactly the micro-batches it was dealt (they are runs of one length order, and where a
+    cut falls depends only on a micro-batch's count and its first length). Where that leaves
+    the costliest rank more than dealing the texts one by one in snake order of length (every
+    rank the same spread of lengths, cut into micro-batches by itself) would, or where the step
+    holds fewer micro-batches than ranks, the texts are dealt in snake order. Without lengths:
+    every world-th sample.
     """
     if world == 1:
         return list(step)
     if lengths is None:
         return step[rank::world]
     groups = micro_batches(step, lengths, micro_batch, token_budget)
-    if len(groups) < world:  # fewer micro-batches than ranks: samples dealt in snake order (0,1,..,N-1,N-1,..,0,..)
-        order = [i for g in groups for i in g]  # by length
-        return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
-    costs = [cost(g) if cost is not None else len(g) * int(lengths[g[0]]) for g in groups]
-    mine = deal(costs, world)[rank]
-    return [i for k in sorted(mine) for i in groups[k]]
+    order = [i for g in groups for i in g]  # by length
+    snake = [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
+             for r in range(world)]
+    if len(groups) < world:
+        return snake[rank]
+    price = cost if cost is not None else (lambda g: len(g) * int(lengths[g[0]]))
+    costs = [price(g) for g in groups]
+    bins = deal(costs, world)
+    if (max(sum(costs[k] for k in b) for b in bins)
+            > max(sum(map(price, micro_batches(s, lengths, micro_batch, token_budget))) for s in snake)):
+        return snake[rank]
+    return [i for k in sorted(bins[rank]) for i in groups[k]]
 
 
 def deal(costs: list[float], world: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from redheart.config import HEADS, TechniqueConfig
-from redheart.model.packing import Packing, plan
+from redheart.model.packing import Packing, packed_rows, plan
 from redheart.train.losses import rdrop_consistency, task_loss
 
 log = logging.getLogger("redheart")
@@ -29,6 +29,14 @@ def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device
     """The packing of one micro-batch's forward pass (redheart/model/packing.py): R-Drop's
     doubled batch holds every text twice."""
     return plan(lengths * 2 if tech.rdrop_alpha > 0 else lengths, device, width, rows_multiple, segments)
+
+
+def micro_batch_tokens(lengths: list[int], rdrop: bool, width: int, packed: bool, rows_multiple: int = 0) -> int:
+    """The tokens the token-wise layers process for one micro-batch of texts of these lengths
+    padded to `width`: rows x width, with R-Drop's doubled batch, in packed rows (made up to a
+    multiple of `rows_multiple`) or one row per text."""
+    lens = lengths * (2 if rdrop else 1)
+    return (packed_rows(lens, width, rows_multiple) if packed else len(lens)) * width
 
 
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,

@@ -36,11 +36,10 @@ from redheart.model import varlen
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
 from redheart.model.network import Block, RedHeartNet
-from redheart.model.packing import packed_rows
 from redheart.train import memory
 from redheart.train.ema import EMA
 from redheart.train.flops import measure_peak_tflops, train_flops
-from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts, plan_packing
+from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts, micro_batch_tokens, plan_packing
 from redheart.train.swap import SwapAdamW
 from redheart.train.metrics import head_metrics
 from redheart.train.schedule import warmup_cosine
@@ -461,11 +460,10 @@ class Trainer:
         width, with R-Drop's doubled batch, packed rows (made up for the graphs) and the graphs'
         bucketed width. A micro-batch also costs fixed work (launches, towers), but every rank is
         dealt as many micro-batches (within one), so that part is even anyway."""
-        lens = [int(self.train_data.lengths[i]) for i in mb] * (2 if self.cfg.tech.rdrop_alpha > 0 else 1)
+        lens = [int(self.train_data.lengths[i]) for i in mb]
         width = self.graphs.width(max(lens)) if self.graphs is not None else max(lens)
-        if not self.packing:
-            return len(lens) * width
-        return packed_rows(lens, width, self.graphs.rows_multiple if self.graphs is not None else 0) * width
+        return micro_batch_tokens(lens, self.cfg.tech.rdrop_alpha > 0, width, self.packing,
+                                  self.graphs.rows_multiple if self.graphs is not None else 0)
 
     def _accumulate(self, mbs: list[list[int]], own: int, counts: dict[str, int],
                     attempt: int) -> dict[str, torch.Tensor]:
