@@ -418,7 +418,8 @@ def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_b
 def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_path, write_file, packing):
     """What the trainer deals micro-batches by (`_micro_batch_cost`) is what the backbone's
     layers are then given: rows x width of R-Drop's doubled batch, packed or padded (texts of
-    3 to 60 words, so that short ones share rows beside a long one)."""
+    3 to 60 words, so that short ones share rows beside a long one); and two ranks' shares are
+    dealt by it (packed, it differs from the padded tokens `shard` would count by default)."""
     from helpers import tiny_config
     from redheart.ckpt.state import RunPaths
     from redheart.session import build_session
@@ -447,6 +448,17 @@ def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_pat
     assert len(widths) > 3  # micro-batches of many shapes were compared
     if packing == "on":
         assert any(rows < 8 for rows, _ in widths)  # some texts shared rows
+        # and the shares of two ranks are dealt by this cost, not by padded tokens
+        from redheart.data.dataset import epoch_plan, shard
+        from redheart.dist import World
+
+        trainer.world = World(rank=0, size=2)
+        lengths, differ = trainer.train_data.lengths, 0
+        for step in epoch_plan(lengths, 16, 0, 1, 0):
+            shares = [trainer._share(step, r) for r in range(2)]
+            assert shares == [shard(step, r, 2, lengths, 4, 0, trainer._micro_batch_cost) for r in range(2)]
+            differ += shares != [shard(step, r, 2, lengths, 4) for r in range(2)]
+        assert differ > 0
 
 
 def test_micro_batches_are_dealt_to_ranks_of_equal_counts_and_near_equal_costs():
