@@ -13,8 +13,9 @@ GPUs / (N x samples/s on one). The effective batch is the same (64) on every N.
 
 With `--profile-step K` every rank profiles global step K (`train.profile_step`) and the table
 ends with each rank's step: its wall time, how busy its GPU was, its kernels by kind
-(communication included). The profiled step is slower than the others and counts in its
-epoch's rate: take the rates from runs without it.
+(communication included), and what a micro-batch of each size took on the GPU. The profiled
+step is slower than the others and counts in its epoch's rate: take the rates from runs
+without it.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def main() -> int:
                     f"beside other kernels" if p.get("communication_ms") else "")
             print(f"{r['gpus']} GPUs, {name}: {p['wall_ms']:.1f} ms, GPU busy {p['busy']:.0%}, "
                   f"kernels {p['kernel_ms']:.1f} ms ({kinds}){comm}; host waited: {waits or 'never'}")
+            for m in sorted(p.get("micro_batches", []), key=lambda m: [int(x) for x in m["micro_batch"].split()[::2]]):  # what each size costs
+                gpu = f"{m['gpu_ms']:.2f} ms on the GPU ({m['kernel_ms']:.2f} in kernels)" if m["gpu_ms"] else "no GPU"
+                print(f"    micro-batch of {m['micro_batch']}: x{m['count']}, {gpu}, host {m['host_ms']:.2f} ms")
     return 0
 
 

@@ -59,6 +59,9 @@ def test_two_gloo_processes_equal_one_process(single, tmp_path):
     for rank in (0, 1):
         summary = json.loads((tmp_path / "two" / "logs" / f"profile_step2_rank{rank}.json").read_text())
         assert summary["wall_ms"] > 0 and summary["host_top"]
+        mbs = summary["micro_batches"]  # each micro-batch of the rank's share annotated (no GPU: host time only)
+        assert mbs and all(m["host_ms"] > 0 and m["gpu_ms"] is None for m in mbs), mbs
+        assert all(m["micro_batch"].endswith("tokens") for m in mbs)
     a, b = single, newest_state(tmp_path / "two")
     assert_same_weights(a, b)
     from redheart.config import Config
@@ -651,6 +654,39 @@ def test_a_layer_called_twice_makes_its_bucket_ready_after_both_and_an_unbegun_b
     ready.begin()
     backward()
     assert len(ready.fired) == 9
+
+
+def test_the_profile_times_each_micro_batch_by_the_kernels_launched_inside_it():
+    """`micro_batch_times`: a kernel belongs to the annotated micro-batch whose range holds its
+    launch call (a CUDA graph's kernels all carry their cudaGraphLaunch's correlation id, and run
+    after the range has ended); the GPU time is the span from the first to the last kernel,
+    gaps included; micro-batches of one name are averaged."""
+    from redheart.train.profile import MICRO_BATCH, micro_batch_times
+
+    def ann(name, ts, dur):
+        return {"ph": "X", "cat": "user_annotation", "name": MICRO_BATCH + name, "ts": ts, "dur": dur}
+
+    def launch(ts, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": 5, "args": {"correlation": corr}}
+
+    def kernel(ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [ann("2 texts, 512 tokens", 0, 100), launch(10, 1),
+              ann("2 texts, 512 tokens", 200, 50), launch(210, 2),
+              ann("2 texts, 2048 tokens", 300, 40), launch(310, 3), launch(320, 4),
+              launch(400, 5),  # outside every range: its kernel is no micro-batch's
+              kernel(1000, 300, 1), kernel(1400, 100, 1),  # 500 us span, 400 of kernels
+              kernel(2000, 700, 2),
+              kernel(3000, 1000, 3), kernel(4500, 500, 4),
+              kernel(6000, 999, 5)]
+    got = {m["micro_batch"]: m for m in micro_batch_times(events)}
+    assert set(got) == {"2 texts, 512 tokens", "2 texts, 2048 tokens"}
+    small, large = got["2 texts, 512 tokens"], got["2 texts, 2048 tokens"]
+    assert small["count"] == 2 and small["gpu_ms"] == (0.5 + 0.7) / 2 and small["kernel_ms"] == (0.4 + 0.7) / 2
+    assert small["host_ms"] == (0.1 + 0.05) / 2 and small["kernels"] == 1  # 3 kernels in 2
+    assert large["count"] == 1 and large["gpu_ms"] == 2.0 and large["kernel_ms"] == 1.5 and large["kernels"] == 2
+    assert micro_batch_times([ann("1 texts, 10 tokens", 0, 10)])[0]["gpu_ms"] is None  # no GPU
 
 
 def test_the_profile_counts_communication_beside_other_kernels():

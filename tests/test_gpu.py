@@ -354,6 +354,9 @@ def test_a_training_step_on_the_gpu_never_waits_for_the_gpu(tmp_path, write_file
     assert run(cfg, analysis=False) == 0
     summary = json.loads((tmp_path / "logs" / "profile_step8_rank0.json").read_text())
     assert summary["kernels"] > 0
+    # each replayed micro-batch's kernels found through its cudaGraphLaunch (grad_accum 4: up to 4)
+    assert 1 <= sum(m["count"] for m in summary["micro_batches"]) <= 4, summary["micro_batches"]
+    assert all(m["gpu_ms"] > 0 and m["kernels"] > 100 for m in summary["micro_batches"]), summary["micro_batches"]
     waits = [w for w in summary["host_waits"] if w["call"] != "cudaEventSynchronize"]
     assert waits == [], summary["host_waits"]
 

@@ -108,6 +108,9 @@ def test_a_profiled_step_writes_its_summary_and_changes_nothing(tmp_path):
     assert trace["traceEvents"] and summary["trace"] == str(logs / "profile_step2_rank0.trace.json")
     assert summary["wall_ms"] > 0 and summary["kernels"] == 0  # on the CPU: no GPU kernels
     assert summary["host_waits"] == []  # no CUDA: nothing to wait for
+    # every micro-batch of the step annotated with its texts and tokens (host time only here)
+    assert sum(m["count"] for m in summary["micro_batches"]) == cfg.train.grad_accum, summary["micro_batches"]
+    assert all(m["host_ms"] > 0 and m["gpu_ms"] is None for m in summary["micro_batches"])
     host = {op["name"] for op in summary["host_top"]}
     assert host & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_fused_adamw_"}, host
     assert "step 2 profiled:" in "".join(p.read_text() for p in logs.glob("training_*.log"))

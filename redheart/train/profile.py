@@ -5,6 +5,7 @@ K and writes the summary and a Chrome trace beside the logs) and by bench/bench_
 """
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from contextlib import contextmanager
@@ -57,6 +58,48 @@ def overlap_time(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> 
         else:
             j += 1
     return total
+
+
+MICRO_BATCH = "redheart: micro-batch of "  # the trainer's annotation of each micro-batch in a profiled step
+
+
+def micro_batch_times(events: list[dict]) -> list[dict]:
+    """Each micro-batch the trainer annotated (`MICRO_BATCH`, its texts and tokens in the name),
+    grouped by name: how many, the host's time inside them, and the GPU's: from the first to the
+    last kernel launched inside one (found by the correlation id of their launch call, which
+    every kernel of a replayed CUDA graph shares with its cudaGraphLaunch), gaps included, and
+    the kernels' own time; means per micro-batch, in ms (GPU None without kernels). What a
+    micro-batch of a given size costs, to weigh the shares of several GPUs by."""
+    ranges = sorted((e for e in events if e.get("cat") == "user_annotation" and "dur" in e
+                     and e.get("name", "").startswith(MICRO_BATCH)), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ranges]
+    owner: dict[int, int] = {}  # launch call's correlation id -> range
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+            k = bisect.bisect_right(starts, e["ts"]) - 1
+            if k >= 0 and e["ts"] <= ranges[k]["ts"] + ranges[k]["dur"]:
+                owner[e["args"]["correlation"]] = k
+    gpu: dict[int, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            k = owner.get(e.get("args", {}).get("correlation"))
+            if k is not None:
+                gpu.setdefault(k, []).append((e["ts"], e["ts"] + e["dur"]))
+    groups: dict[str, dict] = {}
+    for k, r in enumerate(ranges):
+        g = groups.setdefault(r["name"][len(MICRO_BATCH):], {"count": 0, "host_ms": 0.0, "gpu_ms": 0.0,
+                                                             "kernel_ms": 0.0, "kernels": 0})
+        spans = gpu.get(k, [])
+        g["count"] += 1
+        g["host_ms"] += r["dur"] / 1e3
+        g["kernels"] += len(spans)
+        if spans:
+            g["gpu_ms"] += (max(b for _, b in spans) - min(a for a, _ in spans)) / 1e3
+            g["kernel_ms"] += sum(b - a for a, b in spans) / 1e3
+    return [{"micro_batch": name, "count": g["count"], "host_ms": g["host_ms"] / g["count"],
+             "gpu_ms": g["gpu_ms"] / g["count"] if g["kernels"] else None,
+             "kernel_ms": g["kernel_ms"] / g["count"] if g["kernels"] else None,
+             "kernels": g["kernels"] // g["count"]} for name, g in groups.items()]
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -112,6 +155,7 @@ def summarize(prof, trace: Path, wall_s: float) -> dict:
                          for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]
                          if a.key != CLOSING],
             "host_waits": host_waits(events),
+            "micro_batches": micro_batch_times(events),
             "trace": str(trace)}
 
 

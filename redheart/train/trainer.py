@@ -14,11 +14,13 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 from torch.utils._pytree import tree_map_only
 
 from redheart.ckpt import io as ckio
@@ -42,6 +44,7 @@ from redheart.train.flops import measure_peak_tflops, train_flops
 from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts, micro_batch_tokens, plan_packing
 from redheart.train.swap import SwapAdamW
 from redheart.train.metrics import head_metrics
+from redheart.train.profile import MICRO_BATCH
 from redheart.train.schedule import warmup_cosine
 
 log = logging.getLogger("redheart")
@@ -392,6 +395,7 @@ class Trainer:
             compile_blocks(self.model, cpp_wrapper=cpp)
             log.info("layers compiled (torch.compile, %s wrapper)", "C++" if cpp else "Python")
         self.history: list[dict[str, Any]] = []
+        self._annotate = False  # a profiled step: each micro-batch annotated (`_profiled_step`)
         self.epoch_stats = StepStats()
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
@@ -496,18 +500,20 @@ class Trainer:
                 tgt = {k: v.to(self.device, non_blocking=True) for k, v in batch.targets.items()}
             start += len(mb)
             last = n == len(mbs) - 1  # only its backward marks the buckets (the all-reduce follows it)
-            if self.graphs is not None:
-                parts = self.graphs(states, keep, tgt, inv, lens, heads, last=last)
-            else:
-                if self.ready is not None:
-                    self.ready.begin(mark=last)
-                packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
-                loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
-                                           tech, weights, self.dtype, packing=packing, heads=heads)
-                if n >= own:
-                    (loss * 0.0).backward()
-                    continue
-                loss.backward()
+            with (record_function(f"{MICRO_BATCH}{len(mb)} texts, {self._micro_batch_cost(mb)} tokens")
+                  if self._annotate else nullcontext()):  # a profiled step: what each micro-batch costs
+                if self.graphs is not None:
+                    parts = self.graphs(states, keep, tgt, inv, lens, heads, last=last)
+                else:
+                    if self.ready is not None:
+                        self.ready.begin(mark=last)
+                    packing = plan_packing(lens, tech, self.device, segments=self.varlen) if self.packing else None
+                    loss, parts = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts,
+                                               tech, weights, self.dtype, packing=packing, heads=heads)
+                    if n >= own:
+                        (loss * 0.0).backward()
+                        continue
+                    loss.backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
         return parts_sum
@@ -823,8 +829,12 @@ class Trainer:
         from redheart.train.profile import profiled
 
         name = f"profile_step{self.global_step + 1}_rank{self.world.rank}"
-        with profiled(self.device, self.paths.logs / f"{name}.trace.json") as summary:
-            out = self._train_step(step)
+        self._annotate = True
+        try:
+            with profiled(self.device, self.paths.logs / f"{name}.trace.json") as summary:
+                out = self._train_step(step)
+        finally:
+            self._annotate = False
         ckio.atomic_write_text(json.dumps(summary, indent=1), self.paths.logs / f"{name}.json")
         if summary["kernels"]:
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms"].items())
