@@ -666,15 +666,15 @@ def test_the_profile_times_each_micro_batch_by_the_kernels_launched_inside_it():
     def ann(name, ts, dur):
         return {"ph": "X", "cat": "user_annotation", "name": MICRO_BATCH + name, "ts": ts, "dur": dur}
 
-    def launch(ts, corr):
-        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": 5, "args": {"correlation": corr}}
+    def launch(ts, corr, cat="cuda_runtime"):  # a Triton kernel's launch is a driver call (cuLaunchKernel)
+        return {"ph": "X", "cat": cat, "name": "cudaGraphLaunch", "ts": ts, "dur": 5, "args": {"correlation": corr}}
 
     def kernel(ts, dur, corr):
         return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
 
     events = [ann("2 texts, 512 tokens", 0, 100), launch(10, 1),
               ann("2 texts, 512 tokens", 200, 50), launch(210, 2),
-              ann("2 texts, 2048 tokens", 300, 40), launch(310, 3), launch(320, 4),
+              ann("2 texts, 2048 tokens", 300, 40), launch(310, 3), launch(320, 4, "cuda_driver"),
               launch(400, 5),  # outside every range: its kernel is no micro-batch's
               kernel(1000, 300, 1), kernel(1400, 100, 1),  # 500 us span, 400 of kernels
               kernel(2000, 700, 2),

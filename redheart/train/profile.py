@@ -66,8 +66,9 @@ MICRO_BATCH = "redheart: micro-batch of "  # the trainer's annotation of each mi
 def micro_batch_times(events: list[dict]) -> list[dict]:
     """Each micro-batch the trainer annotated (`MICRO_BATCH`, its texts and tokens in the name),
     grouped by name: how many, the host's time inside them, and the GPU's: from the first to the
-    last kernel launched inside one (found by the correlation id of their launch call, which
-    every kernel of a replayed CUDA graph shares with its cudaGraphLaunch), gaps included, and
+    last kernel launched inside one (found by the correlation id of their launch call, runtime
+    or driver (Triton's), which every kernel of a replayed CUDA graph shares with its
+    cudaGraphLaunch), gaps included, and
     the kernels' own time; means per micro-batch, in ms (GPU None without kernels). What a
     micro-batch of a given size costs, to weigh the shares of several GPUs by."""
     ranges = sorted((e for e in events if e.get("cat") == "user_annotation" and "dur" in e
@@ -75,7 +76,7 @@ def micro_batch_times(events: list[dict]) -> list[dict]:
     starts = [e["ts"] for e in ranges]
     owner: dict[int, int] = {}  # launch call's correlation id -> range
     for e in events:
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):  # driver: Triton's
             k = bisect.bisect_right(starts, e["ts"]) - 1
             if k >= 0 and e["ts"] <= ranges[k]["ts"] + ranges[k]["dur"]:
                 owner[e["args"]["correlation"]] = k
