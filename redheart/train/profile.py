@@ -66,11 +66,12 @@ MICRO_BATCH = "redheart: micro-batch of "  # the trainer's annotation of each mi
 def micro_batch_times(events: list[dict]) -> list[dict]:
     """Each micro-batch the trainer annotated (`MICRO_BATCH`, its texts and tokens in the name),
     grouped by name: how many, the host's time inside them, and the GPU's: from the first to the
-    last kernel launched inside one (found by the correlation id of their launch call, runtime
-    or driver (Triton's), which every kernel of a replayed CUDA graph shares with its
-    cudaGraphLaunch), gaps included, and
-    the kernels' own time; means per micro-batch, in ms (GPU None without kernels). What a
-    micro-batch of a given size costs, to weigh the shares of several GPUs by."""
+    last kernel launched inside one, gaps included, and the kernels' own time; means per
+    micro-batch, in ms (GPU None without kernels). A kernel is found by the correlation id of
+    its launch call (runtime, or driver for Triton's), which every kernel of a replayed CUDA
+    graph shares with its cudaGraphLaunch; a launch belongs to the range whose time holds it
+    (the backward's, from autograd's own thread, too). What a micro-batch of a given size costs,
+    to weigh the shares of several GPUs by."""
     ranges = sorted((e for e in events if e.get("cat") == "user_annotation" and "dur" in e
                      and e.get("name", "").startswith(MICRO_BATCH)), key=lambda e: e["ts"])
     starts = [e["ts"] for e in ranges]
