@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from redheart.train.profile import micro_batch_lines  # noqa: E402
 
 
 def one_run(n: int, args) -> dict:
@@ -101,9 +104,8 @@ def main() -> int:
                     f"beside other kernels" if p.get("communication_ms") else "")
             print(f"{r['gpus']} GPUs, {name}: {p['wall_ms']:.1f} ms, GPU busy {p['busy']:.0%}, "
                   f"kernels {p['kernel_ms']:.1f} ms ({kinds}){comm}; host waited: {waits or 'never'}")
-            for m in sorted(p.get("micro_batches", []), key=lambda m: [int(x) for x in m["micro_batch"].split()[::2]]):  # what each size costs
-                gpu = f"{m['gpu_ms']:.2f} ms on the GPU ({m['kernel_ms']:.2f} in kernels)" if m["gpu_ms"] else "no GPU"
-                print(f"    micro-batch of {m['micro_batch']}: x{m['count']}, {gpu}, host {m['host_ms']:.2f} ms")
+            for line in micro_batch_lines(p):  # what a micro-batch of each size took
+                print("    " + line)
     return 0
 
 

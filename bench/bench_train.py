@@ -41,7 +41,7 @@ from redheart.data.dataset import epoch_plan, micro_batches  # noqa: E402
 from redheart.model.packing import padded_fraction  # noqa: E402
 from redheart.session import build_session  # noqa: E402
 from redheart.train.flops import measure_peak_tflops, train_flops  # noqa: E402
-from redheart.train.profile import profiled  # noqa: E402
+from redheart.train.profile import micro_batch_lines, profiled  # noqa: E402
 from redheart.train.trainer import Trainer  # noqa: E402
 
 SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
@@ -68,7 +68,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def profile_step(trainer: Trainer, step: list[int], device: torch.device, trace: Path) -> dict:
     """One optimizer step under torch.profiler: where the GPU time goes and how busy the GPU was."""
-    with profiled(device, trace) as summary:
+    with trainer.annotating(), profiled(device, trace) as summary:  # with each micro-batch's GPU time
         trainer.model.train()
         trainer.optimizer_step(trainer.accumulate(step))
     return summary
@@ -254,6 +254,8 @@ def main() -> int:
             print(f"{name}: profile: step {prof['wall_ms']:.0f} ms, GPU busy {prof['busy']:.0%}, "
                   f"{prof['kernels']} kernels; " + ", ".join(f"{k} {v:.0f} ms" for k, v in prof["by_kind_ms"].items()),
                   flush=True)
+            for line in micro_batch_lines(prof):
+                print(f"{name}:   {line}", flush=True)
         results.append(r)
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
               f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "

@@ -102,6 +102,17 @@ def test_min_tokens_trains_only_on_texts_that_long(tmp_path, capsys, monkeypatch
         raise AssertionError("a --min-tokens no text reaches must be an error")
 
 
+def test_a_profiled_variant_prints_each_micro_batch_size(tmp_path, capsys, monkeypatch):
+    """`--profile DIR`: one more step under the profiler, its summary in the results, and a line
+    for each micro-batch size (texts, tokens) with what it took (on the CPU: host time only)."""
+    out = _bench(tmp_path, capsys, monkeypatch, "prof", "prof:micro_batch=4,grad_accum=2,warmup=0,steps=2",
+                 "--profile", str(tmp_path / "traces"))
+    r = json.loads((tmp_path / "prof.json").read_text())["results"][0]
+    assert sum(m["count"] for m in r["profile"]["micro_batches"]) == 2, r["profile"]["micro_batches"]
+    lines = [line for line in out.splitlines() if line.startswith("prof:   micro-batch of ")]
+    assert lines and all("texts, " in line and " tokens: x" in line and "no GPU" in line for line in lines), out
+
+
 def _plain():
     spec = importlib.util.spec_from_file_location("bench_plain", ROOT / "bench" / "bench_plain.py")
     module = importlib.util.module_from_spec(spec)

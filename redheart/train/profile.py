@@ -104,6 +104,15 @@ def micro_batch_times(events: list[dict]) -> list[dict]:
              "kernels": g["kernels"] // g["count"]} for name, g in groups.items()]
 
 
+def micro_batch_lines(summary: dict) -> list[str]:
+    """`micro_batches` of a summary as lines of text, smallest first."""
+    out = []
+    for m in sorted(summary.get("micro_batches", []), key=lambda m: [int(x) for x in m["micro_batch"].split()[::2]]):
+        gpu = f"{m['gpu_ms']:.2f} ms on the GPU ({m['kernel_ms']:.2f} in kernels)" if m["gpu_ms"] else "no GPU"
+        out.append(f"micro-batch of {m['micro_batch']}: x{m['count']}, {gpu}, host {m['host_ms']:.2f} ms")
+    return out
+
+
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 CLOSING = "redheart: profiler's closing sync"  # `profiled`'s own wait at the end: not the step's
 

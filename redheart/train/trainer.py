@@ -14,7 +14,8 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,7 +396,7 @@ class Trainer:
             compile_blocks(self.model, cpp_wrapper=cpp)
             log.info("layers compiled (torch.compile, %s wrapper)", "C++" if cpp else "Python")
         self.history: list[dict[str, Any]] = []
-        self._annotate = False  # a profiled step: each micro-batch annotated (`_profiled_step`)
+        self._annotate = False  # each micro-batch annotated for the profiler (`annotating`)
         self.epoch_stats = StepStats()
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
@@ -823,18 +824,24 @@ class Trainer:
             self._inject_numeric_fault(parts)
         return parts, self.optimizer_step(parts)
 
+    @contextmanager
+    def annotating(self) -> Iterator[None]:
+        """Inside, each micro-batch is annotated for the profiler with its texts and tokens
+        (`redheart.train.profile.micro_batch_times`)."""
+        self._annotate = True
+        try:
+            yield
+        finally:
+            self._annotate = False
+
     def _profiled_step(self, step: list[int]) -> tuple[dict[str, torch.Tensor], bool | None]:
         """`train.profile_step`: this step under torch.profiler, its summary and trace written
         beside the logs by every rank (each its own files)."""
         from redheart.train.profile import profiled
 
         name = f"profile_step{self.global_step + 1}_rank{self.world.rank}"
-        self._annotate = True
-        try:
-            with profiled(self.device, self.paths.logs / f"{name}.trace.json") as summary:
-                out = self._train_step(step)
-        finally:
-            self._annotate = False
+        with self.annotating(), profiled(self.device, self.paths.logs / f"{name}.trace.json") as summary:
+            out = self._train_step(step)
         ckio.atomic_write_text(json.dumps(summary, indent=1), self.paths.logs / f"{name}.json")
         if summary["kernels"]:
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms"].items())
