@@ -9,7 +9,7 @@ Every step waits for its slowest rank. For the steps of epochs 1 and 2 (`epoch_p
 `bench_scaling.py`'s runs of the same records) this prints, summed over the steps, the slowest
 rank's work (what sets the pace), the same against the mean rank's, and the work of all
 ranks, for:
-- `dealt`: the trainer's shares (`redheart.data.dataset.shard`): the step's micro-batches dealt
+- `dealt`: the trainer's shares (`redheart.data.dataset.shares`): the step's micro-batches dealt
   out by cost;
 - `snake`: the texts dealt one by one in snake order of length, each rank cutting its own
   micro-batches (the trainer's shares before the twelfth session).
@@ -23,13 +23,11 @@ import argparse
 import sys
 
 from redheart.config import preset
-from redheart.data.dataset import epoch_plan, micro_batches, shard
+from redheart.data.dataset import epoch_plan, micro_batches, shares
 from redheart.data.pipeline import prepare_data
 from redheart.model.encoder import Tokenizer
-from redheart.train.step import micro_batch_tokens
+from redheart.train.step import GRAPH_BUCKET, graph_width, micro_batch_tokens
 from redheart.train.trainer import PACKED_ROWS_MULTIPLE, use_packing
-
-GRAPH_BUCKET = 32  # GraphedMicroSteps' width bucket
 
 
 def main() -> None:
@@ -48,12 +46,13 @@ def main() -> None:
 
     def cost(group: list[int]) -> int:
         lens = [int(lengths[i]) for i in group]
-        width = min(cfg.model.max_tokens, -(-max(lens) // bucket) * bucket)
+        width = graph_width(max(lens), cfg.model.max_tokens, bucket)
         return micro_batch_tokens(lens, rdrop, width, packed, 0 if args.no_graphs else PACKED_ROWS_MULTIPLE * packed)
 
-    def snake(step: list[int], rank: int, world: int) -> list[int]:
+    def snake(step: list[int], world: int) -> list[list[int]]:
         order = sorted(step, key=lambda i: (-int(lengths[i]), i))
-        return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+        return [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
+                for r in range(world)]
 
     steps = [s for epoch in (1, 2) for s in epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, epoch,
                                                        cfg.data.length_group_steps)]
@@ -62,11 +61,11 @@ def main() -> None:
           f"{'eager widths' if args.no_graphs else 'CUDA-graph widths'}")
     print(f"{'GPUs':>4}  {'dealing':<7} {'slowest rank (tokens)':>22} {'slowest / mean':>15} {'all ranks (tokens)':>19}")
     for world in args.gpus:
-        for name, share in (("snake", lambda s, r: snake(s, r, world)),
-                            ("dealt", lambda s, r: shard(s, r, world, lengths, mb, budget, cost))):
+        for name, deal_out in (("snake", lambda s: snake(s, world)),
+                               ("dealt", lambda s: shares(s, world, lengths, mb, budget, cost))):
             slowest = total = 0
             for step in steps:
-                work = [sum(cost(g) for g in micro_batches(share(step, r), lengths, mb, budget)) for r in range(world)]
+                work = [sum(cost(g) for g in micro_batches(part, lengths, mb, budget)) for part in deal_out(step)]
                 slowest += max(work)
                 total += sum(work)
             print(f"{world:>4}  {name:<7} {slowest:>22,} {slowest / (total / world):>15.4f} {total:>19,}")

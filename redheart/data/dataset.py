@@ -151,7 +151,13 @@ def micro_batches(step: list[int], lengths: torch.Tensor, micro_batch: int, toke
 
 def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None = None, micro_batch: int = 1,
           token_budget: int = 0, cost: Callable[[list[int]], float] | None = None) -> list[int]:
-    """This rank's share of a step's samples: disjoint parts that cost alike.
+    """This rank's share of a step's samples (`shares`)."""
+    return shares(step, world, lengths, micro_batch, token_budget, cost)[rank]
+
+
+def shares(step: list[int], world: int, lengths: torch.Tensor | None = None, micro_batch: int = 1,
+           token_budget: int = 0, cost: Callable[[list[int]], float] | None = None) -> list[list[int]]:
+    """Every rank's share of a step's samples: disjoint parts that cost alike.
 
     The slowest rank sets the pace of every step, so the shares are balanced. The step is cut
     into micro-batches as one process would cut it (`micro_batches` with `micro_batch` and
@@ -166,22 +172,22 @@ def shard(step: list[int], rank: int, world: int, lengths: torch.Tensor | None =
     every world-th sample.
     """
     if world == 1:
-        return list(step)
+        return [list(step)]
     if lengths is None:
-        return step[rank::world]
+        return [step[r::world] for r in range(world)]
     groups = micro_batches(step, lengths, micro_batch, token_budget)
     order = [i for g in groups for i in g]  # by length
     snake = [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
              for r in range(world)]
     if len(groups) < world:
-        return snake[rank]
+        return snake
     price = cost if cost is not None else (lambda g: len(g) * int(lengths[g[0]]))
     costs = [price(g) for g in groups]
     bins = deal(costs, world)
     if (max(sum(costs[k] for k in b) for b in bins)
             > max(sum(map(price, micro_batches(s, lengths, micro_batch, token_budget))) for s in snake)):
-        return snake[rank]
-    return [i for k in sorted(bins[rank]) for i in groups[k]]
+        return snake
+    return [[i for k in sorted(b) for i in groups[k]] for b in bins]
 
 
 def deal(costs: list[float], world: int) -> list[list[int]]:

@@ -31,6 +31,14 @@ def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device
     return plan(lengths * 2 if tech.rdrop_alpha > 0 else lengths, device, width, rows_multiple, segments)
 
 
+GRAPH_BUCKET = 32  # CUDA graphs pad a micro-batch's width up to a multiple of this (fewer graphs)
+
+
+def graph_width(length: int, max_tokens: int, bucket: int = GRAPH_BUCKET) -> int:
+    """The width a CUDA graph runs a micro-batch whose longest text has `length` tokens at."""
+    return min(max_tokens, -(-length // bucket) * bucket)
+
+
 def micro_batch_tokens(lengths: list[int], rdrop: bool, width: int, packed: bool, rows_multiple: int = 0) -> int:
     """The tokens the token-wise layers process for one micro-batch of texts of these lengths
     padded to `width`: rows x width, with R-Drop's doubled batch, in packed rows (made up to a
@@ -96,7 +104,7 @@ class GraphedMicroSteps:
     few graphs cover every step."""
 
     def __init__(self, model: nn.Module, tech: TechniqueConfig, weights: dict[str, float],
-                 dtype: torch.dtype | None, max_tokens: int, bucket: int = 32, rows_multiple: int = 0,
+                 dtype: torch.dtype | None, max_tokens: int, bucket: int = GRAPH_BUCKET, rows_multiple: int = 0,
                  ready=None):
         self.model, self.tech, self.weights, self.dtype = model, tech, weights, dtype
         self.ready = ready  # dist.GradReadiness: a replay marks the gradient buckets it completes
@@ -105,7 +113,7 @@ class GraphedMicroSteps:
         self.pool = torch.cuda.graph_pool_handle()
 
     def width(self, length: int) -> int:
-        return min(self.max_tokens, -(-length // self.bucket) * self.bucket)
+        return graph_width(length, self.max_tokens, self.bucket)
 
     def _run(self, g: _Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return forward_loss(self.model, g.states, g.keep, True, g.targets, g.inv, self.tech, self.weights,

@@ -13,8 +13,8 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from redheart.ckpt.retention import select_deletions
 from redheart.ckpt.sweetspot import pinned_epochs
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
 from redheart.config import Config, ConfigError
-from redheart.data.dataset import epoch_plan, micro_batches, shard
+from redheart.data.dataset import epoch_plan, micro_batches, shares
 from redheart.data.features import FeatureSource, to_device
 from redheart.data.pipeline import DataBundle
 from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, all_objects, any_rank, broadcast, gather_rows,
@@ -433,7 +433,8 @@ class Trainer:
         counts = self.train_data.head_counts(step)
         self._step_counts, self._step_heads = counts, self.towers_run(counts)
         lengths = self.train_data.lengths
-        mine = self._share(step, self.world.rank)
+        every = self._shares(step)  # every rank's, so FSDP knows the busiest
+        mine = every[self.world.rank]
         rng = capture_rng() if self.device.type == "cuda" or self.faults else None
         attempt = 0
         while True:
@@ -442,9 +443,8 @@ class Trainer:
                 own = len(mbs)
                 if self.fsdp:  # every forward and backward gathers weights from all ranks: all
                     # run as many micro-batches as the busiest rank, extra ones with zero loss weight
-                    busiest = max(len(micro_batches(self._share(step, r), lengths,
-                                                    self.micro_batch, self.micro_batch_tokens))
-                                  for r in range(self.world.size))
+                    busiest = max(len(micro_batches(p, lengths, self.micro_batch, self.micro_batch_tokens))
+                                  for p in every)
                     mbs += [step[:1]] * (busiest - own)
                 return self._accumulate(mbs, own, counts, attempt)
             except torch.OutOfMemoryError as exc:
@@ -453,12 +453,12 @@ class Trainer:
                 if rng is not None:
                     restore_rng(rng)
 
-    def _share(self, step: list[int], rank: int) -> list[int]:
-        """A rank's samples of the step (`shard`): the step cut into micro-batches of the
+    def _shares(self, step: list[int]) -> list[list[int]]:
+        """Every rank's samples of the step (`shares`): the step cut into micro-batches of the
         configured size (the same on every rank, whatever an out-of-memory retry did to one
         rank's), dealt out by what each costs the token-wise layers."""
-        return shard(step, rank, self.world.size, self.train_data.lengths, self.cfg.train.micro_batch,
-                     self.cfg.train.micro_batch_tokens, self._micro_batch_cost)
+        return shares(step, self.world.size, self.train_data.lengths, self.cfg.train.micro_batch,
+                      self.cfg.train.micro_batch_tokens, self._micro_batch_cost)
 
     def _micro_batch_cost(self, mb: list[int]) -> int:
         """The tokens the token-wise layers process for this micro-batch as it will run: rows x
