@@ -464,39 +464,6 @@ def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_pat
         assert differ > 0
 
 
-def test_with_several_processes_the_costliest_micro_batch_runs_last(tmp_path, write_file):
-    """The gradient all-reduce follows a step's last backward (on GPUs it overlaps it), so with
-    several processes (gradients in a `FlatGrads`) the costliest micro-batch runs last, where its
-    backward hides more of the sums; the others keep their order. One process runs the longest
-    first, as before."""
-    from helpers import tiny_config
-    from redheart.ckpt.state import RunPaths
-    from redheart.dist import FlatGrads
-    from redheart.session import build_session
-    from redheart.train.trainer import Trainer
-
-    words = "the neighbour kept my ladder and I felt I should ask again before winter".split()
-    data = write_file("lengths.jsonl", [{"id": f"r{i}", "text": " ".join(words[j % len(words)] for j in range(3 + (i * 37) % 58)),
-                                         "regret": (i % 10) / 10} for i in range(40)])
-    cfg = tiny_config(tmp_path, data__paths=[str(data)], train__device="cpu", train__micro_batch=2,
-                      train__grad_accum=4, train__micro_batch_tokens=0)
-    session = build_session(cfg)
-    trainer = Trainer(cfg, RunPaths(tmp_path, "order"), session.data, session.features, session.device)
-    costs = []
-    trainer.model.backbone.stack.register_forward_pre_hook(lambda m, args: costs.append(args[0].shape[0] * args[0].shape[1]))
-    lengths = trainer.train_data.lengths
-    step = sorted(range(len(trainer.train_data)), key=lambda i: (int(lengths[i]) * 7919) % 101)[:8]
-    trainer.accumulate(step)
-    one = list(costs)
-    assert len(one) == 4 and one[0] == max(one) > one[-1], one  # one process: the longest first
-    trainer.zero_grad()
-    named = list(trainer.model.named_parameters())
-    trainer.flat_grads = FlatGrads([p for _, p in named], groups=[n.split(".", 1)[0] for n, _ in named])
-    costs.clear()
-    trainer.accumulate(step)
-    assert costs == one[1:] + one[:1], (one, costs)
-
-
 def test_micro_batches_are_dealt_to_ranks_of_equal_counts_and_near_equal_costs():
     """`deal`: on random small cases, the costliest rank's total is the best possible one (every
     split into equal halves tried) in at least 9 cases of 10, and never 4% over it. Dealing the

@@ -440,8 +440,6 @@ class Trainer:
         while True:
             try:
                 mbs = micro_batches(mine, lengths, self.micro_batch, self.micro_batch_tokens)
-                if self.flat_grads is not None and len(mbs) > 1:
-                    mbs = self._costliest_last(mbs)
                 own = len(mbs)
                 if self.fsdp:  # every forward and backward gathers weights from all ranks: all
                     # run as many micro-batches as the busiest rank, extra ones with zero loss weight
@@ -461,13 +459,6 @@ class Trainer:
         rank's), dealt out by what each costs the token-wise layers."""
         return shares(step, self.world.size, self.train_data.lengths, self.cfg.train.micro_batch,
                       self.cfg.train.micro_batch_tokens, self._micro_batch_cost)
-
-    def _costliest_last(self, mbs: list[list[int]]) -> list[list[int]]:
-        """Several processes: the gradient all-reduce follows the step's last backward (on GPUs
-        it overlaps it, bucket by bucket), so the costliest micro-batch goes last, where its
-        longer backward hides more of the sums (longest first, it was the shortest one's)."""
-        k = max(range(len(mbs)), key=lambda j: self._micro_batch_cost(mbs[j]))
-        return mbs[:k] + mbs[k + 1:] + [mbs[k]]
 
     def _micro_batch_cost(self, mb: list[int]) -> int:
         """The tokens the token-wise layers process for this micro-batch as it will run: rows x
