@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from redheart.config import preset
-from redheart.data.dataset import epoch_plan, micro_batches, shares
+from redheart.data.dataset import epoch_plan, micro_batches, shares, snake_order
 from redheart.data.pipeline import prepare_data
 from redheart.model.encoder import Tokenizer
 from redheart.train.step import GRAPH_BUCKET, graph_width, micro_batch_tokens
@@ -49,10 +49,8 @@ def main() -> None:
         width = graph_width(max(lens), cfg.model.max_tokens, bucket)
         return micro_batch_tokens(lens, rdrop, width, packed, 0 if args.no_graphs else PACKED_ROWS_MULTIPLE * packed)
 
-    def snake(step: list[int], world: int) -> list[list[int]]:
-        order = sorted(step, key=lambda i: (-int(lengths[i]), i))
-        return [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
-                for r in range(world)]
+    def by_length(step: list[int]) -> list[int]:
+        return sorted(step, key=lambda i: (-int(lengths[i]), i))
 
     steps = [s for epoch in (1, 2) for s in epoch_plan(lengths, cfg.effective_batch, cfg.train.seed, epoch,
                                                        cfg.data.length_group_steps)]
@@ -61,7 +59,7 @@ def main() -> None:
           f"{'eager widths' if args.no_graphs else 'CUDA-graph widths'}")
     print(f"{'GPUs':>4}  {'dealing':<7} {'slowest rank (tokens)':>22} {'slowest / mean':>15} {'all ranks (tokens)':>19}")
     for world in args.gpus:
-        for name, deal_out in (("snake", lambda s: snake(s, world)),
+        for name, deal_out in (("snake", lambda s: snake_order(by_length(s), world)),
                                ("dealt", lambda s: shares(s, world, lengths, mb, budget, cost))):
             slowest = total = 0
             for step in steps:

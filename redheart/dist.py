@@ -145,10 +145,10 @@ class FlatGrads:
         ends = self._starts[1:] + [self.flat.numel()]
         self.buckets = [self.flat[s:e] for s, e in zip(self._starts, ends)]
         self.param_buckets: list[list[int]] = []  # the buckets each parameter's gradient lies in
-        for p, at in zip(self.params, offsets):
+        for at, end in zip(offsets, view_ends):
             k = bisect.bisect_right(self._starts, at) - 1
             self.param_buckets.append([])
-            while k < len(self._starts) and self._starts[k] < at + p.numel():
+            while k < len(self._starts) and self._starts[k] < end:
                 self.param_buckets[-1].append(k)
                 k += 1
         self._low: torch.Tensor | None = None  # the bf16 buffer of a bf16 all-reduce, made on first use

@@ -177,8 +177,7 @@ def shares(step: list[int], world: int, lengths: torch.Tensor | None = None, mic
         return [step[r::world] for r in range(world)]
     groups = micro_batches(step, lengths, micro_batch, token_budget)
     order = [i for g in groups for i in g]  # by length
-    snake = [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
-             for r in range(world)]
+    snake = snake_order(order, world)
     if len(groups) < world:
         return snake
     price = cost if cost is not None else (lambda g: len(g) * int(lengths[g[0]]))
@@ -188,6 +187,12 @@ def shares(step: list[int], world: int, lengths: torch.Tensor | None = None, mic
             > max(sum(map(price, micro_batches(s, lengths, micro_batch, token_budget))) for s in snake)):
         return snake
     return [[i for k in sorted(b) for i in groups[k]] for b in bins]
+
+
+def snake_order(order: list[int], world: int) -> list[list[int]]:
+    """`order` dealt one by one to `world` ranks in snake order (0, 1, .., N-1, N-1, .., 0, 0, ..)."""
+    return [[i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == r]
+            for r in range(world)]
 
 
 def deal(costs: list[float], world: int) -> list[list[int]]:
