@@ -142,6 +142,10 @@ class TechniqueConfig:
     label_smoothing: float = 0.1  # on the emotion (and surd) soft-target cross-entropy; 0 = off
     smooth_surd: bool = True  # apply the label smoothing to the surd distribution too
     rdrop_alpha: float = 1.0  # weight of the R-Drop consistency term; 0 = off
+    # training loss of the [0, 1] heads (bentham, regret) from their logits: bce (binary
+    # cross-entropy against the target value; its gradient never vanishes) | mse (squared error
+    # of the sigmoid, whose gradient vanishes where the sigmoid saturates: a head can die)
+    value_loss: str = "bce"
     ema_decay: float = 0.999  # EMA of the weights; 0 = off
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) so early steps are not frozen at init
     ema_device: str = "same"  # same (as the model) | cpu
@@ -446,6 +450,7 @@ def _validate(cfg: Config) -> None:
                "(FSDP reduce-scatters the gradients itself)", t.grad_reduce)
     _check(0 <= x.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", x.label_smoothing)
     _check(x.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", x.rdrop_alpha)
+    _check(x.value_loss in ("bce", "mse"), "tech.value_loss", "bce or mse", x.value_loss)
     _check(0 <= x.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", x.ema_decay)
     _check(x.ema_device in ("same", "cpu"), "tech.ema_device", "same or cpu", x.ema_device)
     _check(0 < s.lr_min < s.lr_max < 1, "sweep.lr_min", "need 0 < lr_min < lr_max < 1", (s.lr_min, s.lr_max))

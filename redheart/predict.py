@@ -22,6 +22,7 @@ from redheart.data.dataset import TaskData, collate
 from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
 from redheart.model.build import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
+from redheart.model.network import head_values
 
 
 class Predictor:
@@ -50,7 +51,7 @@ class Predictor:
             batch = collate(data, idx, self.tokenizer.pad_id)
             keep = batch.keep.to(self.device)
             states = self.encoder(batch.input_ids.to(self.device), keep)
-            pred = self.model(states, keep, batch.padded)
+            pred = head_values(self.model(states, keep, batch.padded))
             emo = torch.softmax(pred["emotion"].float(), -1).cpu()
             surd = torch.softmax(pred["surd"].float(), -1).cpu()
             ben, reg = pred["bentham"].float().cpu(), pred["regret"].float().cpu()

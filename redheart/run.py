@@ -198,7 +198,7 @@ def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> st
     """One screen before training: model, device and memory, data per head, the schedule, outputs."""
     counts = session.data.head_counts()
     pc = trainer.param_counts
-    est = memory.estimate(cfg, pc["total"])
+    est = memory.estimate(cfg, pc["total"], **trainer.memory_profile)
     gpu = memory.device_memory_gib(session.device)
     t = cfg.train
     sources = ", ".join(cfg.data.paths) if cfg.data.paths else "the shipped sample dataset"
@@ -249,6 +249,7 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
         final = last["val"].get(key, math.nan)
         lines.append(f"  {key:<13}{final:>9.4f}{value:>9.4f}{epoch:>7}"
                      + (f"{ema[key]:>11.4f}" if key in ema else ""))
+    lines += collapse_lines(history)
     files = [("training curves", paths.logs / f"training_curves_{paths.run_id}.png"),
              ("LR sweep", paths.sweep / f"lr_sweep_plot_{paths.run_id}.png")]
     if report:
@@ -275,6 +276,19 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
     if report:
         lines.append(f"  use it: bash run_learning.sh predict --checkpoint {report['crossover_file']} \"some text\"")
     return "\n".join(lines)
+
+
+def collapse_lines(history: list[dict[str, Any]]) -> list[str]:
+    """The summary's word on heads whose validation predictions collapsed: at which epochs, and
+    why at the last of them."""
+    epochs: dict[str, list[int]] = {}
+    why: dict[str, str] = {}
+    for r in history:
+        for head, reason in (r.get("collapsed") or {}).items():
+            epochs.setdefault(head, []).append(r["epoch"])
+            why[head] = reason
+    return [f"  WARNING: the {head} head collapsed at epoch{'s' if len(e) > 1 else ''} {', '.join(map(str, e))}: "
+            f"{why[head]}" for head, e in epochs.items()]
 
 
 def train(cfg: Config, opts: RunOptions) -> int:

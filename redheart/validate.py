@@ -74,11 +74,34 @@ def check_versions() -> tuple[str, str]:
     return "ok", text
 
 
+def data_memory_profile(cfg: Config) -> tuple[dict, str]:
+    """The memory estimate's view of the data (`memory.data_profile`): every record's token
+    length, the heads with targets, the encoder cache if the run would keep one; and a phrase
+    saying what it was taken from."""
+    from redheart.data.importers import data_specs, load_records
+    from redheart.model.encoder import Tokenizer
+    from redheart.train.memory import data_profile
+
+    records, _ = load_records(data_specs(cfg.data.paths), skip_bad=True)
+    if not records:
+        raise ValueError("no usable records")
+    lengths = [len(ids) for ids in Tokenizer(cfg.model.encoder, cfg.model.max_tokens)([r.text for r in records])]
+    heads = {h: sum(getattr(r, h) is not None for r in records) for h in ("emotion", "bentham", "regret", "surd")}
+    cache = sum(lengths) * cfg.model.encoder_dim * 2  # bf16 on a GPU
+    cached = cfg.data.encoder_cache == "on" or (cfg.data.encoder_cache == "auto" and cache <= cfg.data.encoder_cache_gb * 2**30)
+    return data_profile(lengths, heads, cache if cached else 0), f"{len(records)} texts of the data"
+
+
 def check_gpu(cfg: Config, params: int) -> tuple[str, str]:
     from redheart.train.memory import estimate
 
-    est = estimate(cfg, params)
-    need = f"preset {cfg.preset} needs about {est['total_gib']:.1f} GiB to train (micro-batch {cfg.train.micro_batch})"
+    try:
+        profile, basis = data_memory_profile(cfg)
+    except Exception as exc:  # the data check reports what is wrong with the data
+        profile, basis = {}, f"every text {cfg.model.max_tokens} tokens ({type(exc).__name__} reading the data)"
+    est = estimate(cfg, params, **profile)
+    need = (f"preset {cfg.preset} needs about {est['total_gib']:.1f} GiB to train (micro-batch {cfg.train.micro_batch}, "
+            f"estimated for {basis})")
     if not torch.cuda.is_available():
         return ("warn" if cfg.preset != "tiny" else "ok"), f"no GPU: training runs on the CPU; {need}"
     props = torch.cuda.get_device_properties(0)

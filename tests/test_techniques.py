@@ -10,7 +10,7 @@ from torch import nn
 
 from redheart.train.ema import EMA
 from redheart.train.losses import (per_item_losses, rdrop_consistency, smooth, soft_cross_entropy,
-                                   symmetric_kl, task_loss)
+                                   symmetric_kl, task_loss, value_loss)
 from redheart.train.metrics import head_metrics, macro_f1, pearson
 from redheart.train.schedule import lr_factor, warmup_cosine
 
@@ -124,21 +124,82 @@ def test_masked_out_sample_contributes_nothing_and_gets_zero_gradient():
     assert parts["emotion"].item() == pytest.approx(float(alone), rel=1e-6)
 
 
-def test_task_loss_normalises_by_the_given_count():
+def _bce(z: float, y: float) -> float:
+    p = 1 / (1 + math.exp(-z))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def _sig(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+@pytest.mark.parametrize("values", ["bce", "mse"])
+def test_task_loss_normalises_by_the_given_count(values):
     out = {"emotion": torch.zeros(2, 3), "bentham": torch.zeros(2, 2), "regret": torch.tensor([1.0, 2.0]),
            "surd": torch.zeros(2, 4)}
     tgt = {"emotion": torch.zeros(2, 3), "emotion_mask": torch.zeros(2, dtype=torch.bool),
-           "bentham": torch.tensor([[1.0, 3.0], [0.0, 0.0]]),
+           "bentham": torch.tensor([[1.0, 0.25], [0.0, 0.0]]),
            "bentham_mask": torch.tensor([[True, True], [False, False]]),
            "regret": torch.zeros(2), "regret_mask": torch.ones(2, dtype=torch.bool),
            "surd": torch.zeros(2, 4), "surd_mask": torch.zeros(2, dtype=torch.bool)}
     counts = {"emotion": 0, "bentham": 4, "regret": 4, "surd": 0}  # counts of the whole step
     w = {"emotion": 1.0, "bentham": 0.5, "regret": 2.0, "surd": 1.0}
-    total, parts = task_loss(out, tgt, counts, w)
+    total, parts = task_loss(out, tgt, counts, w, values=values)
     assert set(parts) == {"bentham", "regret"}
-    assert parts["regret"].item() == pytest.approx((1.0 + 4.0) / 4)
-    assert parts["bentham"].item() == pytest.approx((1.0 + 9.0) / 4)
-    assert total.item() == pytest.approx(2.0 * 1.25 + 0.5 * 2.5)
+    # the outputs are logits: by hand, the binary cross-entropy or the squared error of the sigmoid
+    item = _bce if values == "bce" else (lambda z, y: (_sig(z) - y) ** 2)
+    regret = (item(1.0, 0.0) + item(2.0, 0.0)) / 4
+    bentham = (item(0.0, 1.0) + item(0.0, 0.25)) / 4
+    assert parts["regret"].item() == pytest.approx(regret, rel=1e-5)
+    assert parts["bentham"].item() == pytest.approx(bentham, rel=1e-5)
+    assert total.item() == pytest.approx(2.0 * regret + 0.5 * bentham, rel=1e-5)
+
+
+def test_value_loss_keeps_a_gradient_where_the_sigmoid_saturates():
+    """A [0, 1] head whose logits were pushed far out (a dead head: constant output 1.0): the
+    cross-entropy's gradient at the logit is p - y, the squared error's ~0."""
+    z = torch.tensor([18.0, 25.0], requires_grad=True)
+    y = torch.tensor([0.3, 0.1])
+    value_loss(z, y, "bce").sum().backward()
+    assert torch.allclose(z.grad, torch.sigmoid(z.detach()) - y, atol=1e-6)
+    assert (z.grad > 0.6).all()
+    z.grad = None
+    value_loss(z, y, "mse").sum().backward()
+    assert (z.grad.abs() < 1e-6).all()
+
+
+def test_a_dead_regret_head_recovers_with_cross_entropy_and_stays_dead_with_squared_error():
+    """The tiny network's regret tower with its output bias pushed to +17 (every prediction
+    exactly 1.0 in fp32, as the collapsed head of issue 24): 60 AdamW steps on the regret loss
+    bring its predictions back to the targets' mean with `bce`; with `mse` the gradient is
+    exactly 0 and they stay at 1.0."""
+    from redheart.config import preset
+    from redheart.model.network import RedHeartNet, head_values
+
+    cfg = preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, cfg.model.encoder_dim, generator=g)
+    keep = torch.ones(16, 12, dtype=torch.bool)
+    y = torch.rand(16, generator=g) * 0.5
+    tgt = {"regret": y, "regret_mask": torch.ones(16, dtype=torch.bool)}
+    final = {}
+    for values in ("bce", "mse"):
+        torch.manual_seed(0)
+        net = RedHeartNet(cfg.model)
+        with torch.no_grad():
+            net.regret.mlp[-1].bias.fill_(17.0)
+        opt = torch.optim.AdamW(net.regret.parameters(), lr=1e-2)
+        for _ in range(60):
+            out = net(x, keep, heads=["regret"])
+            loss = per_item_losses(out, tgt, 0.0, True, values)["regret"].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            final[values] = head_values(net(x, keep, heads=["regret"]))["regret"]
+    assert (final["mse"] == 1.0).all()  # still dead
+    assert abs(float(final["bce"].mean() - y.mean())) < 0.05 and float(final["bce"].std()) > 0.1
 
 
 def test_head_with_count_zero_is_excluded_and_gets_no_gradient():
@@ -202,8 +263,8 @@ def test_rdrop_positive_symmetric_and_normalised():
     # by hand: the masked sums divided by the counts
     em, bm, rm, sm = (tgt[f"{h}_mask"] for h in ("emotion", "bentham", "regret", "surd"))
     hand = (float(symmetric_kl(a["emotion"], b["emotion"])[em].sum()) / counts["emotion"]
-            + float((a["bentham"] - b["bentham"]).pow(2)[bm].sum()) / counts["bentham"]
-            + float((a["regret"] - b["regret"]).pow(2)[rm].sum()) / counts["regret"]
+            + float((a["bentham"].sigmoid() - b["bentham"].sigmoid()).pow(2)[bm].sum()) / counts["bentham"]
+            + float((a["regret"].sigmoid() - b["regret"].sigmoid()).pow(2)[rm].sum()) / counts["regret"]
             + float(symmetric_kl(a["surd"], b["surd"])[sm].sum()) / counts["surd"])
     assert ab == pytest.approx(hand, rel=1e-5)
 
@@ -217,9 +278,10 @@ def test_rdrop_is_masked():
     b["surd"][2] += torch.arange(4.0)
     b["bentham"][~tgt["bentham_mask"]] += 2.0
     assert float(rdrop_consistency(a, b, tgt, counts_of(tgt))) == pytest.approx(0.0, abs=1e-7)
-    # the same difference on a labelled item counts
+    # the same difference on a labelled item counts (the difference of the values in [0, 1])
     b["regret"][1] += 2.0
-    assert float(rdrop_consistency(a, b, tgt, counts_of(tgt))) == pytest.approx(4.0 / 2, rel=1e-5)
+    diff = float(b["regret"][1].sigmoid() - a["regret"][1].sigmoid())
+    assert float(rdrop_consistency(a, b, tgt, counts_of(tgt))) == pytest.approx(diff ** 2 / 2, rel=1e-5)
     # a head with count 0 is left out
     counts = counts_of(tgt)
     counts["regret"] = 0

@@ -45,6 +45,7 @@ def test_two_epochs_on_the_sample_data_lower_the_loss_and_write_the_outputs(tmp_
     for key in ("emotion_acc", "emotion_f1", "bentham_mae", "bentham_r", "regret_mae", "regret_r", "surd_mae"):
         assert key in hist[-1]["val"] and key in hist[-1]["val_ema"]
     assert hist[-1]["val"] != hist[-1]["val_ema"]
+    assert [r["collapsed"] for r in hist] == [{}, {}]  # a healthy run: no head reported collapsed
     # the trainer's own throughput figures: model TFLOP/s always, MFU only against a GPU's peak
     for r in hist:  # each parameter works at least once per sample: forward + backward >= 6 x params
         assert r["mfu"] is None

@@ -18,6 +18,15 @@ from redheart.model.packing import Packing, pack, unpack
 from redheart.model.varlen import varlen_attention
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
+# Heads whose values lie in [0, 1]: the network gives their logits (a loss on the logits keeps a
+# gradient where the sigmoid saturates, losses.py), and `head_values` maps them to [0, 1].
+BOUNDED_HEADS = ("bentham", "regret")
+
+
+def head_values(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's outputs as predictions: bentham and regret in [0, 1] (sigmoid of their
+    logits); emotion and surd stay logits (softmax gives their shares)."""
+    return {k: torch.sigmoid(v.float()) if k in BOUNDED_HEADS else v for k, v in out.items()}
 
 
 class SelfAttention(nn.Module):
@@ -130,8 +139,9 @@ class Tower(nn.Module):
 
 
 class RedHeartNet(nn.Module):
-    """Token states (B, L, encoder_dim) and a padding mask (B, L; True = token) in; a dict out:
-    `emotion` and `surd` logits, `bentham` (B, 10) and `regret` (B,) in [0, 1]. With a
+    """Token states (B, L, encoder_dim) and a padding mask (B, L; True = token) in; a dict of
+    logits out: `emotion` (B, 7), `bentham` (B, 10), `regret` (B,), `surd` (B, 4);
+    `head_values` turns them into predictions. With a
     `packing` (redheart/model/packing.py) the layers run on the texts packed into rows."""
 
     def __init__(self, cfg: ModelConfig):
@@ -173,7 +183,5 @@ class RedHeartNet(nn.Module):
             if heads is not None and name not in heads:
                 continue
             y = getattr(self, name)(x, attn_mask, keep, packing)
-            if name in ("bentham", "regret"):  # values in [0, 1]; emotion and surd stay logits
-                y = torch.sigmoid(y.float())
             out[name] = y.squeeze(-1) if name == "regret" else y
         return out

@@ -79,7 +79,9 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
     torch.manual_seed(cfg.train.seed)
     model = RedHeartNet(cfg.model).to(device).train()
     params = count_parameters(model)["total"]
-    swap, checkpointing, _ = plan_memory(cfg, device, params)
+    profile = memory.data_profile(source.data.lengths.tolist(), source.data.head_counts(),
+                                  source.flat.numel() * source.flat.element_size() if source.cached else 0)
+    swap, checkpointing, _ = plan_memory(cfg, device, params, profile=profile)
     for m in model.modules():
         if isinstance(m, Stack):
             m.checkpointing = checkpointing

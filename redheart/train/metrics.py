@@ -72,6 +72,46 @@ def head_metrics(pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
     return m
 
 
+# A head's predictions count as collapsed below this spread across a split's texts (std of a
+# [0, 1] value, or of each class's share), or when this share of them sits within SATURATED of
+# 0 or 1 (a sigmoid pushed so far out that its gradient vanishes). A working head varies by
+# orders of magnitude more: the tiny preset after one epoch on the sample data ~1e-2.
+CONSTANT_STD = 1e-4
+SATURATED = 1e-4
+SATURATED_SHARE = 0.99
+
+
+def collapsed_heads(pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The heads whose predictions on a split have collapsed, each with the reason: non-finite
+    outputs, the same output for every text, or a saturated sigmoid. `pred` as `head_metrics`
+    takes it; only heads with at least two labelled items are judged."""
+    out: dict[str, str] = {}
+    for h in HEADS:
+        mask = tgt[f"{h}_mask"]
+        rows = mask.any(-1) if mask.dim() > 1 else mask
+        if h not in pred or int(rows.sum()) < 2:
+            continue
+        p = pred[h][rows].float()
+        if h in ("emotion", "surd"):
+            p = torch.softmax(p, -1)
+        if not torch.isfinite(p).all():
+            out[h] = f"non-finite outputs for {int((~torch.isfinite(p)).view(len(p), -1).any(-1).sum())} of {len(p)} texts"
+            continue
+        spread = float(p.std(0).max()) if p.dim() > 1 else float(p.std())
+        if spread < CONSTANT_STD:
+            mean = p.mean(0)
+            shown = (f"{float(mean):.4f}" if mean.dim() == 0
+                     else "[" + ", ".join(f"{float(v):.3f}" for v in mean.flatten()) + "]")
+            out[h] = f"the same output for all {len(p)} texts ({shown}, std {spread:.1e})"
+            continue
+        if h in ("bentham", "regret"):
+            values = pred[h][mask].float()
+            share = float(((values < SATURATED) | (values > 1 - SATURATED)).float().mean())
+            if share >= SATURATED_SHARE:
+                out[h] = f"saturated: {share:.0%} of its outputs within {SATURATED:g} of 0 or 1 (no gradient there)"
+    return out
+
+
 # Which metric each module is judged by, and whether higher is better.
 MODULE_METRIC = {
     "backbone": ("loss", False),

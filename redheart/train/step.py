@@ -63,8 +63,8 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
             out = model(torch.cat([states, states]), torch.cat([keep, keep]), padded, packing, heads)
             out_a = {k: v[:b] for k, v in out.items()}
             out_b = {k: v[b:] for k, v in out.items()}
-            la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
-            lb, pb = task_loss(out_b, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+            la, pa = task_loss(out_a, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd, tech.value_loss)
+            lb, pb = task_loss(out_b, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd, tech.value_loss)
             cons = rdrop_consistency(out_a, out_b, tgt, counts)
             task = 0.5 * (la + lb)
             loss = task + tech.rdrop_alpha * cons
@@ -72,7 +72,8 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
             parts["rdrop"] = cons
         else:
             out = model(states, keep, padded, packing, heads)
-            loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd)
+            loss, parts = task_loss(out, tgt, counts, weights, tech.label_smoothing, tech.smooth_surd,
+                                    tech.value_loss)
             task = loss
     parts = {**parts, "task": task, "loss": loss}
     return loss, {k: v.detach().float() for k, v in parts.items()}

@@ -38,13 +38,13 @@ from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, all_objec
 from redheart.model import varlen
 from redheart.model.lowp import LowPrecisionCopies
 from redheart.model.modules import count_parameters
-from redheart.model.network import Block, RedHeartNet
+from redheart.model.network import Block, RedHeartNet, head_values
 from redheart.train import memory
 from redheart.train.ema import EMA
 from redheart.train.flops import measure_peak_tflops, train_flops
 from redheart.train.step import GraphedMicroSteps, forward_loss, inverse_counts, micro_batch_tokens, plan_packing
 from redheart.train.swap import SwapAdamW
-from redheart.train.metrics import head_metrics
+from redheart.train.metrics import collapsed_heads, head_metrics
 from redheart.train.profile import MICRO_BATCH
 from redheart.train.schedule import warmup_cosine
 
@@ -248,16 +248,18 @@ def memory_cap_gib(device: torch.device) -> float | None:
     return total * torch.cuda.get_per_process_memory_fraction(index)
 
 
-def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = False) -> tuple[bool, bool, str]:
-    """(swap manager on, activation checkpointing on, why) from the estimate and the GPU. Never
-    the swap manager under FSDP, which shards the optimizer state instead."""
+def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = False,
+                profile: dict[str, Any] | None = None) -> tuple[bool, bool, str]:
+    """(swap manager on, activation checkpointing on, why) from the estimate (of this data:
+    `memory.data_profile`) and the GPU. Never the swap manager under FSDP, which shards the
+    optimizer state instead."""
     cap = memory_cap_gib(device)
     mode = "off" if fsdp else cfg.memory.swap
     if mode == "on" and cap is None:  # no GPU: the CPU path of the swap manager (used by tests)
         return True, cfg.model.activation_checkpointing, "memory.swap=on"
     if cap is None or mode == "off":
         return False, cfg.model.activation_checkpointing, ""
-    need = memory.estimate(cfg, params)
+    need = memory.estimate(cfg, params, **(profile or {}))
     if mode == "on":
         swap, why = True, "memory.swap=on"
     else:
@@ -275,7 +277,8 @@ def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = Fal
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int,
                   dtype: torch.dtype | None, world: World | None = None) -> dict[str, torch.Tensor]:
-    """Outputs for a whole split, in the split's order, on the CPU (model left in eval mode).
+    """Predictions for a whole split, in the split's order, on the CPU (model left in eval
+    mode): emotion and surd logits, bentham and regret values in [0, 1] (`head_values`).
 
     Under several processes each rank predicts every world-th text (by length order, so the
     shares cost alike) and the rows are gathered: every rank gets the same full result. Under
@@ -293,7 +296,7 @@ def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int
         idx = order[s:s + batch_size]
         states, batch = source(idx or [0])
         with torch.autocast(states.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(states, batch.keep.to(states.device, non_blocking=True), batch.padded)
+            out = head_values(model(states, batch.keep.to(states.device, non_blocking=True), batch.padded))
         for k, v in out.items():
             if idx:
                 outs.setdefault(k, []).append(v.float().cpu())
@@ -313,8 +316,15 @@ def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int
 
 def evaluate(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: torch.dtype | None,
              world: World | None = None) -> dict[str, float]:
+    return validation(model, source, cfg, dtype, world)[0]
+
+
+def validation(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype: torch.dtype | None,
+               world: World | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """The split's metrics, and the heads whose predictions have collapsed (`collapsed_heads`)."""
     pred = predict_split(model, source, cfg.train.eval_batch, dtype, world)
-    return head_metrics(pred, source.data.targets(torch.arange(len(source.data))), cfg.train.head_weights)
+    tgt = source.data.targets(torch.arange(len(source.data)))
+    return head_metrics(pred, tgt, cfg.train.head_weights), collapsed_heads(pred, tgt)
 
 
 class Trainer:
@@ -335,7 +345,11 @@ class Trainer:
             self.model = RedHeartNet(cfg.model)
         self.param_counts = count_parameters(self.model)
         self.lr = cfg.train.lr
-        self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"], self.fsdp)
+        self.memory_profile = memory.data_profile(
+            self.train_data.lengths.tolist(), self.train_data.head_counts(),
+            sum(f.flat.numel() * f.flat.element_size() for f in features.values() if f.cached))
+        self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"], self.fsdp,
+                                                    self.memory_profile)
         if checkpointing and not cfg.model.activation_checkpointing:
             self.set_checkpointing(True)
         if self.swap:
@@ -872,7 +886,7 @@ class Trainer:
         seconds = time.time() - self._epoch_t0
         tflops = self.epoch_stats.flops / max(seconds, 1e-9) / 1e12  # model FLOPs done per second
         train = self.epoch_stats.means()
-        val = evaluate(self.model, self.features["val"], cfg, self.dtype, self.world)
+        val, collapsed = validation(self.model, self.features["val"], cfg, self.dtype, self.world)
         val_ema = None
         if self.ema is not None:
             with self.ema.applied(self.model):
@@ -881,6 +895,7 @@ class Trainer:
             "epoch": self.epoch, "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
             "lr_steps": list(self.epoch_stats.lrs),
             "micro_batch": self.micro_batch, "train": train, "val": val, "val_ema": val_ema,
+            "collapsed": collapsed,  # head -> why its validation predictions collapsed (none: {})
             "samples": self.epoch_stats.samples,  # this epoch's, across interruptions (skipped steps' too)
             "seconds": seconds, "samples_per_s": self.epoch_stats.samples / max(seconds, 1e-9),
             "tokens_per_s": self.epoch_stats.tokens / max(seconds, 1e-9),
@@ -899,6 +914,8 @@ class Trainer:
                  f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"],
                  f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else "", seconds)
         log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
+        for head, why in collapsed.items():
+            log.warning("epoch %d: the %s head has collapsed on validation: %s", self.epoch, head, why)
         if self.tb is not None:
             self.tb.epoch(record)
         if self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs:
