@@ -66,6 +66,14 @@ class SwapAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         """Gradients to the host, AdamW on the CPU, weights back, chunk by chunk, overlapped."""
+        # The trainer hands its clip coefficient over as `grad_scale` (GradScaler's mechanism, as
+        # `found_inf` may be), a tensor on the model's device. torch's fused AdamW would move it to
+        # the CPU with non_blocking=True: a device-to-host copy into new pinned memory that its CPU
+        # kernel reads before the copy lands (zeros: gradients / 0, NaN weights). Wait for it here.
+        for name in ("grad_scale", "found_inf"):
+            t = getattr(self, name, None)
+            if t is not None and t.device.type != "cpu":
+                setattr(self, name, t.to("cpu"))
         events = []
         with self._on_side_stream():
             if self.cuda:
