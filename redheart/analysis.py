@@ -94,7 +94,8 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     spots = write_sweet_spots(history, cfg, candidates, paths, stamp)
 
     device, dtype = session.device, amp_dtype(cfg, session.device)
-    model = RedHeartNet(cfg.model).to(device)
+    with device:  # made on the device: a 730M init on the CPU takes many seconds, and its weights are replaced
+        model = RedHeartNet(cfg.model)
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def snapshot(epoch: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ whose row plan (the packing index) were not rewritten before each replay, or who
 rows leaked into the result, would give other losses and gradients than the eager step."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -502,3 +504,69 @@ def test_a_gpu_run_stopped_and_resumed_ends_where_the_straight_run_does(tmp_path
         _close(resumed["ema"]["shadow"][k].float(), straight["ema"]["shadow"][k].float(), "ema " + k, rel=1e-4)
     for ra, rb in zip(resumed["history"], straight["history"]):
         assert abs(ra["val"]["loss"] - rb["val"]["loss"]) < 1e-4 * abs(rb["val"]["loss"])
+
+
+def _twenty_steps(tmp_path, swap: bool) -> list[float]:
+    """20 optimizer steps of the tiny preset at micro-batch 64 x 1, compiled, packed (varlen
+    attention), bf16, R-Drop and EMA on the sample data, with the swap manager (and activation
+    checkpointing, as the planner turns on with it) or without; the loss of each step."""
+    from pathlib import Path
+
+    from redheart.ckpt.state import RunPaths
+    from redheart.data.dataset import epoch_plan
+    from redheart.session import build_session
+    from redheart.train.trainer import Trainer
+
+    from helpers import tiny_config
+
+    cfg = tiny_config(tmp_path / ("swap" if swap else "plain"), train__micro_batch=64, train__grad_accum=1,
+                      train__compile=True, train__device="cuda", memory__swap="on" if swap else "off",
+                      model__activation_checkpointing=swap)
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(Path(cfg.output_dir), "t"), session.data, session.features, session.device)
+    assert trainer.swap == swap and trainer.packing and trainer.varlen and trainer.checkpointing == swap
+    lengths = session.data.splits["train"].lengths
+    plan = [s for e in range(1, 9) for s in epoch_plan(lengths, 64, cfg.train.seed, e, 0)][:20]
+    losses = []
+    for step in plan:
+        trainer.model.train()
+        parts = trainer.accumulate(step)
+        assert trainer.optimizer_step(parts) is not False
+        trainer.settle()
+        losses.append(float(parts["loss"]))
+    assert trainer.bad_steps_total == 0
+    return losses
+
+
+def test_the_swap_manager_at_micro_batch_64_compiled_and_packed_trains_as_without_it(tmp_path):
+    """Issue 24: under the swap manager every step after the first was non-finite (its CPU AdamW
+    read the GPU's clip coefficient before the copy landed). Its first 20 steps now match the
+    unswapped run's within bf16 noise (the same dropout masks: checkpointing replays them)."""
+    plain, swapped = _twenty_steps(tmp_path, False), _twenty_steps(tmp_path, True)
+    assert all(math.isfinite(x) for x in plain + swapped)
+    rel = max(abs(a - b) / abs(a) for a, b in zip(plain, swapped))
+    assert rel < 2e-2, (rel, plain, swapped)
+    assert plain[-1] < plain[0]  # and it trains
+
+
+def test_measuring_the_heaviest_micro_batch_on_the_gpu(tmp_path):
+    """The planner's measurement where the estimate is near the line: a forward and backward of
+    the heaviest micro-batch with the optimizer state in reserve peaks above what the weights and
+    the reserve alone take, and below the estimate's total plus a margin."""
+    from pathlib import Path
+
+    from redheart.ckpt.state import RunPaths
+    from redheart.session import build_session
+    from redheart.train import memory
+    from redheart.train.trainer import Trainer
+
+    from helpers import tiny_config
+
+    cfg = tiny_config(tmp_path, train__micro_batch=64, train__grad_accum=1, train__device="cuda")
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(Path(cfg.output_dir), "t"), session.data, session.features, session.device)
+    params = trainer.param_counts["total"]
+    peak = trainer._measure_heaviest()
+    assert peak is not None and peak * 2**30 > (4 + 8 + 4) * params
+    est = memory.estimate(cfg, params, **trainer.memory_profile)
+    assert peak < est["total_gib"] + 0.5

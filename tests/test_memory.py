@@ -140,3 +140,92 @@ def test_the_lr_sweep_under_the_swap_manager_equals_the_sweep_without(tmp_path):
     assert opt is trainer.optimizer and isinstance(opt, swap.SwapAdamW) and not opt.state
     assert all(g["lr"] == 3e-4 for g in opt.param_groups)
     assert torch.equal(opt.cpu_params[0], next(trainer.model.parameters()).detach())
+
+
+# ---------------------------------------------------------------- the estimate and the swap decision
+
+# a corpus like the public one: 48% long posts (256 tokens), 52% short comments (12-40 tokens)
+CORPUS_LENGTHS = [256] * 480 + [12 + (i * 7) % 29 for i in range(520)]
+
+
+def _cfg(micro_batch: int, accum: int, rdrop: float, compile_: bool = False, packing: str = "auto"):
+    cfg = preset("730m")
+    cfg.train.micro_batch, cfg.train.grad_accum, cfg.tech.rdrop_alpha = micro_batch, accum, rdrop
+    cfg.train.compile, cfg.train.packing = compile_, packing
+    return cfg.validate()
+
+
+def test_heaviest_micro_batch_padded_packed_and_without_data():
+    from redheart.train.memory import HEAVY_SIGMAS, heaviest_micro_batch
+
+    assert heaviest_micro_batch(None, 64, 256, packed=True) == 64 * 256  # no data: every text max_tokens
+    assert heaviest_micro_batch(CORPUS_LENGTHS, 64, 256, packed=False) == 64 * 256  # padded to the longest
+    n = len(CORPUS_LENGTHS)
+    mean = sum(CORPUS_LENGTHS) / n
+    std = (sum((x - mean) ** 2 for x in CORPUS_LENGTHS) / n) ** 0.5
+    heavy = 64 * mean + HEAVY_SIGMAS * std * 8
+    assert heaviest_micro_batch(CORPUS_LENGTHS, 64, 256, packed=True) == -(-int(heavy) // 256) * 256
+    assert heaviest_micro_batch([10] * 100, 64, 256, packed=True) == 640  # equal lengths: no spread
+    assert heaviest_micro_batch([300, 20], 2, 256, packed=False) == 512  # truncated at max_tokens
+
+
+def test_memory_estimate_pinned_for_the_issue_configurations():
+    """The 730m preset's estimate at the configurations of issue 24 on a corpus-like profile
+    (three towers with targets, no encoder cache): pinned, so that a change of the memory
+    model shows here (and in bench/RESULTS.md, against the peaks measured on the GPU)."""
+    params = preset_parameter_counts(preset("730m"))["total"]
+    profile = {"lengths": CORPUS_LENGTHS, "heads": 3, "cache_bytes": 0}
+    got = {name: round(estimate(cfg, params, **profile)["total_gib"], 2) for name, cfg in {
+        "2x32": _cfg(2, 32, 1.0), "2x32 no R-Drop": _cfg(2, 32, 0.0),
+        "8x8 compiled packed": _cfg(8, 8, 1.0, True, "on"), "8x8 compiled packed no R-Drop": _cfg(8, 8, 0.0, True, "on"),
+        "64 compiled": _cfg(64, 1, 1.0, True), "64 compiled no R-Drop": _cfg(64, 1, 0.0, True)}.items()}
+    assert got == PINNED_ESTIMATES
+    # and what the parts say: R-Drop doubles the activations, the swap manager drops AdamW's moments
+    on, off = (estimate(_cfg(64, 1, a, True), params, **profile) for a in (1.0, 0.0))
+    assert on["activations_gib"] == pytest.approx(2 * off["activations_gib"])
+    swapped = _cfg(64, 1, 1.0, True)
+    swapped.memory.swap = "on"
+    assert estimate(swapped, params, **profile)["optimizer_gib"] == 0 and on["optimizer_gib"] == pytest.approx(8 * params / 2**30)
+
+
+PINNED_ESTIMATES = {"2x32": 17.93, "2x32 no R-Drop": 16.96, "8x8 compiled packed": 21.79,
+                    "8x8 compiled packed no R-Drop": 18.21, "64 compiled": 60.21, "64 compiled no R-Drop": 37.42}
+
+
+@pytest.mark.parametrize("need_vs_line, peak_vs_line, measured, swap", [
+    (0.5, None, False, False),  # far below the line: no measurement, no swap manager
+    (1.5, None, False, True),  # far above: the swap manager without a measurement
+    (1.05, 0.9, True, False),  # near the line (above it): measured, and it fits
+    (0.95, 1.02, True, True),  # near the line (below it): measured above it
+    (0.95, None, True, True),  # near the line: the measurement ran out of memory
+])
+def test_the_swap_manager_is_decided_by_a_measurement_where_the_estimate_is_near_the_line(
+        monkeypatch, need_vs_line, peak_vs_line, measured, swap):
+    import redheart.train.trainer as trainer
+
+    cfg = _cfg(64, 1, 1.0, True)
+    params = preset_parameter_counts(cfg)["total"]
+    profile = {"lengths": CORPUS_LENGTHS, "heads": 3, "cache_bytes": 0}
+    need = estimate(cfg, params, **profile)["total_gib"]
+    line = need / need_vs_line
+    monkeypatch.setattr(trainer, "memory_cap_gib", lambda device: line / 0.9)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return None if peak_vs_line is None else peak_vs_line * line
+
+    on, _, why = trainer.plan_memory(cfg, torch.device("cpu"), params, profile=profile, measure=measure)
+    assert (on, bool(calls)) == (swap, measured)
+    if measured:
+        assert "a forward and backward of the heaviest micro-batch" in why
+
+
+def test_heaviest_texts_reach_the_token_count_with_the_fewest_long_texts():
+    from redheart.train.trainer import heaviest_texts
+
+    lengths = [256, 256, 256, 10, 20, 30, 256, 15]
+    pick = heaviest_texts(lengths, 4, 530)  # two long texts and the two shortest reach 530 (537)
+    assert len(pick) == 4 and sum(lengths[i] for i in pick) >= 530
+    assert sorted(lengths[i] for i in pick) == [10, 15, 256, 256]
+    assert sorted(lengths[i] for i in heaviest_texts(lengths, 4, 10_000)) == [256] * 4  # as heavy as it gets

@@ -77,7 +77,8 @@ def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: d
     cuda = device.type == "cuda"
     cap = memory_cap_gib(device)
     torch.manual_seed(cfg.train.seed)
-    model = RedHeartNet(cfg.model).to(device).train()
+    with device:
+        model = RedHeartNet(cfg.model).train()
     params = count_parameters(model)["total"]
     profile = memory.data_profile(source.data.lengths.tolist(), source.data.head_counts(),
                                   source.flat.numel() * source.flat.element_size() if source.cached else 0)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -248,11 +248,19 @@ def memory_cap_gib(device: torch.device) -> float | None:
     return total * torch.cuda.get_per_process_memory_fraction(index)
 
 
+# Within this share of the 90% line the estimate cannot decide alone: a forward and backward of
+# the heaviest micro-batch is measured instead (the estimate is within ~15% of measured peaks)
+UNCERTAIN = 0.15
+
+
 def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = False,
-                profile: dict[str, Any] | None = None) -> tuple[bool, bool, str]:
+                profile: dict[str, Any] | None = None,
+                measure: Callable[[], float | None] | None = None) -> tuple[bool, bool, str]:
     """(swap manager on, activation checkpointing on, why) from the estimate (of this data:
-    `memory.data_profile`) and the GPU. Never the swap manager under FSDP, which shards the
-    optimizer state instead."""
+    `memory.data_profile`) and the GPU; where the estimate is within `UNCERTAIN` of the line,
+    from `measure()`: the peak GiB of a forward and backward of the heaviest micro-batch with
+    the optimizer state held in reserve (None: it ran out of memory). Never the swap manager
+    under FSDP, which shards the optimizer state instead."""
     cap = memory_cap_gib(device)
     mode = "off" if fsdp else cfg.memory.swap
     if mode == "on" and cap is None:  # no GPU: the CPU path of the swap manager (used by tests)
@@ -260,10 +268,18 @@ def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = Fal
     if cap is None or mode == "off":
         return False, cfg.model.activation_checkpointing, ""
     need = memory.estimate(cfg, params, **(profile or {}))
+    line = 0.9 * cap
     if mode == "on":
         swap, why = True, "memory.swap=on"
+    elif measure is not None and abs(need["total_gib"] - line) <= UNCERTAIN * line:
+        peak = measure()
+        swap = peak is None or peak > line
+        measured = "ran out of memory" if peak is None else f"peaked at {peak:.1f} GiB"
+        why = (f"estimated need {need['total_gib']:.1f} GiB, near 90% of {cap:.1f} GiB: a forward and backward of "
+               f"the heaviest micro-batch {measured}")
+        log.info("memory: %s: the Dynamic Swap Manager %s", why, "on" if swap else "stays off")
     else:
-        swap = need["total_gib"] > 0.9 * cap
+        swap = need["total_gib"] > line
         why = f"estimated need {need['total_gib']:.1f} GiB > 90% of {cap:.1f} GiB" if swap else ""
     ckpt = cfg.model.activation_checkpointing
     if swap and not ckpt:
@@ -272,6 +288,19 @@ def plan_memory(cfg: Config, device: torch.device, params: int, fsdp: bool = Fal
             ckpt = True
             why += f"; activation checkpointing on (weights + gradients + activations {on_gpu:.1f} GiB)"
     return swap, ckpt, why
+
+
+def heaviest_texts(lengths: list[int], micro_batch: int, tokens: int) -> list[int]:
+    """Indices of `micro_batch` texts whose lengths sum to at least `tokens` (where they can):
+    the k longest and the shortest for the rest, with k as small as reaches it."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    order = [order[i % len(order)] for i in range(max(micro_batch, len(order)))]
+    longest, shortest = order[:micro_batch], order[::-1][:micro_batch]
+    for k in range(micro_batch + 1):
+        pick = longest[:k] + shortest[:micro_batch - k]
+        if sum(int(lengths[i]) for i in pick) >= tokens:
+            return pick
+    return longest
 
 
 @torch.no_grad()
@@ -349,7 +378,7 @@ class Trainer:
             self.train_data.lengths.tolist(), self.train_data.head_counts(),
             sum(f.flat.numel() * f.flat.element_size() for f in features.values() if f.cached))
         self.swap, checkpointing, why = plan_memory(cfg, device, self.param_counts["total"], self.fsdp,
-                                                    self.memory_profile)
+                                                    self.memory_profile, self._measure_heaviest)
         if checkpointing and not cfg.model.activation_checkpointing:
             self.set_checkpointing(True)
         if self.swap:
@@ -538,6 +567,42 @@ class Trainer:
         Another head's loss is left out (losses.py), so its tower's forward would be wasted and
         it runs no backward. CUDA graphs are captured per set of towers."""
         return [h for h, c in counts.items() if c > 0] or None
+
+    def _measure_heaviest(self) -> float | None:
+        """Peak GPU memory (GiB) of one forward and backward of the heaviest micro-batch the
+        estimate expects (`memory.heaviest_micro_batch`), as this run computes it (precision,
+        R-Drop, packing, the towers with targets; eager layers, which keep a little more than
+        compiled ones), with the AdamW moments and the EMA the run adds later held in reserve;
+        None if it runs out of memory."""
+        cfg, device = self.cfg, self.device
+        lengths = self.train_data.lengths.tolist()
+        packed = use_packing(cfg)
+        tokens = memory.heaviest_micro_batch(lengths, cfg.train.micro_batch, cfg.model.max_tokens, packed)
+        idx = heaviest_texts(lengths, cfg.train.micro_batch, tokens)
+        params = self.param_counts["total"]
+        reserve = 8 * params + (4 * params if cfg.tech.ema_decay > 0 and cfg.tech.ema_device == "same" else 0)
+        varlen_ok = packed and cfg.train.packed_attention != "padded" and varlen.available(device, self.dtype)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            ballast = torch.empty(reserve, dtype=torch.uint8, device=device)  # noqa: F841 (held, not read)
+            states, batch = self.features["train"](idx)
+            keep = batch.keep.to(device)
+            tgt = {k: v.to(device) for k, v in batch.targets.items()}
+            lens = [int(lengths[i]) for i in idx]
+            counts = self.train_data.head_counts(idx)
+            packing = plan_packing(lens, cfg.tech, device, segments=varlen_ok) if packed else None
+            self.model.train()
+            loss, _ = forward_loss(self.model, states, keep, min(lens) != max(lens), tgt, counts, cfg.tech,
+                                   cfg.train.head_weights, self.dtype, packing=packing, heads=self.towers_run(counts))
+            loss.backward()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) / 2**30
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
 
     @property
     def checkpointing(self) -> bool:
