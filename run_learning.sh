@@ -4,8 +4,8 @@
 #   bash run_learning.sh MODE [flags]
 #
 # Modes: unified-test, unified-train, unified-test-v1, train-local, validate (the guide's),
-# selftest (the test suite), and any other `redheart` command (predict, info, sweep,
-# crossover, plot, ...). SAMPLES=N is read by the CLI like --samples N.
+# selftest (the test suite), and any other `redheart` command (predict, info, crossover,
+# plot). SAMPLES=N is read by the CLI like --samples N.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,7 +24,7 @@ modes:
   train-local      training on a few samples with memory monitored every step
   validate         integrity check without training (exit 0 only if all is sound)
   selftest         run the test suite (extra arguments go to pytest)
-  other            any `redheart` command: info, predict, sweep, crossover, plot, ...
+  other            any `redheart` command: info, predict, crossover, plot
 
 common flags: --samples N (or SAMPLES=N)  --epochs N  --batch-size N  --resume PATH|latest
               --preset NAME  --data SPEC  --output-dir DIR  --set key=value  --config FILE

@@ -1,7 +1,7 @@
 """The command line: command -> function, argument parsing only.
 
     redheart unified-test | unified-train | unified-test-v1 | train-local | validate
-    redheart info | predict | sweep | crossover | plot
+    redheart info | predict | crossover | plot
 """
 from __future__ import annotations
 

@@ -29,8 +29,7 @@ def quick_checks() -> list[tuple[str, callable]]:
     from redheart.ckpt.sweetspot import find_sweet_spot
     from redheart.config import preset
     from redheart.data.dataset import TaskData, collate
-    from redheart.data.importers import load_records
-    from redheart.data.pipeline import sample_data_path
+    from redheart.data.importers import load_records, sample_data_path
     from redheart.model.encoder import Encoder, Tokenizer
     from redheart.model.modules import preset_parameter_counts
     from redheart.model.network import RedHeartNet
