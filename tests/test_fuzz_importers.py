@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redheart.data.dataset import split_of
-from redheart.data.importers import load_records
+from redheart.data.importers import detect_format, load_records
 from redheart.data.schema import DataError
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
@@ -57,6 +57,8 @@ TARGETS = [
     ("legacy.jsonl", "redheart", "jsonl"),
     ("legacy.json", "redheart", "array"),
     ("legacy.json.gz", "redheart", "array"),
+    ("data.json", "canonical", "array"),
+    ("data.json.gz", "canonical", "array"),
     ("scruples_anecdotes.jsonl", "scruples", "jsonl"),
     ("scruples_anecdotes.jsonl.gz", "scruples", "jsonl"),
     ("goemotions_en_dev.tsv", "goemotions", "tsv"),
@@ -422,3 +424,86 @@ def test_every_edge_value_in_every_slot(fuzz_dir, name, fmt, kind):
                     check_load(fuzz_dir / name, fmt, kind, _encode(text), quick=True)
                     tried += 1
     assert tried > 200
+
+
+# ---------------------------------------------------------------------------------------
+# No target is ever dropped (issue 27: canonical records in a JSON array were read as the
+# legacy format, losing three of their four heads): records mixing the fields of several
+# formats, in any container, detected or named, load with every head they carry, or fail
+# naming a field the chosen importer would not read.
+
+FORMAT_FIELDS = {  # spelled out here, not imported: the documented fields of each format
+    "canonical": {"id", "text", "emotion", "bentham", "regret", "surd", "source"},
+    "redheart": {"id", "text", "situation", "content", "input", "emotions", "bentham_scores", "regret_factor",
+                 "surd", "source"},
+    "scruples": {"id", "post_id", "title", "text", "action", "post_type", "label", "binarized_label",
+                 "label_scores"},
+}
+# A valid value of each field that carries a target, and the heads that it gives.
+TARGET_VALUES = {
+    "emotion": ([0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1], {"emotion"}),
+    "bentham": ([0.5] + [None] * 9, {"bentham"}),
+    "regret": (0.4, {"regret"}),
+    "surd": ([0.25, 0.25, 0.4, 0.1], {"surd"}),
+    "emotions": ([2.0, 1.0, 0, 0, 1.0, 0, 0], {"emotion"}),
+    "bentham_scores": ({"utility": 0.2}, {"bentham"}),
+    "regret_factor": (0.6, {"regret"}),
+    "label_scores": ({"AUTHOR": 1, "OTHER": 2, "EVERYBODY": 0, "NOBODY": 1, "INFO": 0}, {"regret", "bentham"}),
+    "surd_metrics": ({"risk": 0.5}, set()),  # a target of the earliest datasets that no importer reads
+}
+BASES = {  # the other fields of a record of each format
+    "canonical": {"text": "I lent my car to a friend.", "source": "unit"},
+    "redheart": {"situation": "I skipped a wedding."},
+    "scruples": {"post_id": "p", "title": "AITA?", "text": "It was my cake.", "action": "eating it",
+                 "post_type": "HISTORICAL", "label": "OTHER", "binarized_label": "RIGHT"},
+}
+
+
+@st.composite
+def mixed_records(draw):
+    objs = []
+    for i in range(draw(st.integers(1, 4))):
+        base = draw(st.sampled_from(sorted(BASES)))
+        obj = {"id": f"r{i}", **BASES[base]}
+        if base == "scruples" and draw(st.integers(0, 3)):
+            obj["label_scores"] = TARGET_VALUES["label_scores"][0]
+        for name in draw(st.lists(st.sampled_from(sorted(TARGET_VALUES)), max_size=3, unique=True)):
+            obj[name] = TARGET_VALUES[name][0]
+        objs.append(obj)
+    return objs
+
+
+@settings(FUZZ, max_examples=150)
+@given(objs=mixed_records(), container=st.sampled_from(["data.jsonl", "data.json", "data.json.gz"]),
+       named=st.sampled_from([None, "canonical", "redheart", "scruples"]), skip_bad=st.booleans())
+def test_records_mixing_formats_lose_no_target(fuzz_dir, objs, container, named, skip_bad):
+    path = fuzz_dir / container
+    text = json.dumps(objs) if container != "data.jsonl" else "".join(json.dumps(o) + "\n" for o in objs)
+    path.write_bytes(gzip.compress(text.encode()) if container.endswith(".gz") else text.encode())
+    fmt = named or detect_format(path)
+    fits = [set(o) <= FORMAT_FIELDS[fmt] for o in objs]
+    try:
+        records, report = load_records([f"{named}:{path}" if named else str(path)], skip_bad=skip_bad)
+    except DataError as err:
+        assert not skip_bad, err
+        index = err.line - (container == "data.jsonl")  # a line from 1, an array item from 0
+        assert all(fits[:index]), err  # the first record that does not fit fails, or one before it
+        if "missing" not in err.message:  # (else a field the format needs is missing)
+            assert err.field in objs[index] and err.field not in FORMAT_FIELDS[fmt], err
+        return
+    loaded = {r.id.removeprefix("scruples-"): r for r in records}
+    kept = 0
+    for obj, fit in zip(objs, fits):
+        heads = set().union(*(TARGET_VALUES[k][1] for k in obj if k in TARGET_VALUES))
+        if obj["id"] not in loaded:
+            assert not fit or not heads or skip_bad, obj  # skipped (and counted) or without targets
+            continue
+        assert fit, obj  # a record with a field its importer does not read never loads
+        kept += 1
+        rec = loaded[obj["id"]]
+        for head in heads:
+            assert getattr(rec, head) is not None, (head, obj, fmt)
+    assert kept == len(records)
+    fr = report.files[0]
+    assert fr.records + fr.skipped + fr.no_target == len(objs)
+    assert fr.skipped == sum(not f for f in fits) or skip_bad

@@ -217,7 +217,7 @@ BAD_CANONICAL = [
     ("id empty", _line(id=""), "id", "non-empty string"),
     ("id a float", _line(id=1.5), "id", "non-empty string"),
     ("source a number", _line(source=3), "source", "expected a string"),
-    ("unknown field", _line(colour="red"), None, "unknown fields ['colour']"),
+    ("unknown field", _line(colour="red"), "colour", "unknown field, of no known format"),
     ("boolean regret", _line(regret=True), "regret", "expected a number, got True"),
     ("boolean in emotion", _line(emotion=[False, 1, 0, 0, 0, 0, 0]), "emotion[0]",
      "expected a number, got False"),
@@ -475,9 +475,10 @@ def test_legacy_json_file_errors(write_file):
     with pytest.raises(DataError) as exc:
         load(bad)
     assert exc.value.path == str(bad) and exc.value.line == 4 and "malformed JSON" in str(exc.value)
+    # A .json file that does not start with "[" holds JSON lines, in every format.
     obj = write_file("obj.json", '{"text": "a", "regret_factor": 0.5}')
-    with pytest.raises(DataError, match="expected a JSON array"):
-        load(obj, fmt="redheart")
+    (rec,), report = load(obj, fmt="redheart")
+    assert rec.regret == 0.5 and report.files[0].format == "redheart"
     item = write_file("items.json", json.dumps([LEGACY[0], "just a string"]))
     with pytest.raises(DataError) as exc:
         load(item)
@@ -799,9 +800,9 @@ def test_expand_spec_with_format_prefix(write_file, tmp_path):
     assert [r.id for r in records] == ["full", "partial"] and report.files[0].format == "canonical"
     with pytest.raises(DataError, match="unknown file type"):
         load_records([str(path)])
-    # An explicit format is obeyed: legacy keys read as canonical are unknown fields.
+    # An explicit format is obeyed: legacy keys read as canonical are refused.
     legacy = write_file("legacy.jsonl", [LEGACY[0]])
-    with pytest.raises(DataError, match="unknown fields"):
+    with pytest.raises(DataError, match="emotions: a redheart target, which the canonical importer would drop"):
         load_records([f"canonical:{legacy}"])
     (rec,), _ = load_records([f"redheart:{legacy}"])
     assert rec.regret == pytest.approx(0.6)
@@ -854,7 +855,119 @@ def test_zero_byte_gz_is_empty_not_a_crash(tmp_path):
 
 
 # =======================================================================================
-# 6. The public corpus (read-only), first 2000 lines of each file
+# 6. A record read by an importer that would drop some of its fields: refused, never lost
+# (issue 27: 60 canonical records saved as one JSON array were read as the legacy format,
+# which silently dropped emotion, bentham and regret; validate said ok)
+
+CANONICAL_RECORDS = [FULL, PARTIAL, ONLY_EMOTION]
+SAMPLE = Path(__file__).resolve().parents[1] / "redheart" / "sample_data" / "sample_en.jsonl"
+HEADS = ("emotion", "bentham", "regret", "surd")
+
+
+@pytest.mark.parametrize("name", ["records.json", "records.json.gz"])
+def test_a_canonical_json_array_imports_as_canonical_with_every_head(write_file, name):
+    expected, _ = load(write_file("records.jsonl", CANONICAL_RECORDS))
+    array = write_file(name, json.dumps(CANONICAL_RECORDS, indent=2))
+    assert detect_format(array) == "canonical"
+    for fmt in (None, "canonical"):  # detected, or named as canonical:PATH
+        records, report = load(array, fmt=fmt)
+        assert records == expected
+        assert report.files[0].format == "canonical" and report.files[0].lines == 3
+    # A bad item is named by its index, as in a legacy array.
+    bad = write_file("bad_" + name, json.dumps([FULL, {**PARTIAL, "regret": 1.5}]))
+    with pytest.raises(DataError) as exc:
+        load(bad)
+    assert str(exc.value).startswith(f"{bad} item:1: regret: ")
+
+
+def test_the_issue_file_sixty_sample_records_as_one_array_keep_all_four_heads(write_file):
+    from redheart.config import preset
+    from redheart.validate import check_data
+
+    sample = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()][:60]
+    path = write_file("array.json", json.dumps(sample))
+    records, report = load(path)
+    assert len(records) == 60 and report.files[0].format == "canonical"
+    for head in HEADS:
+        assert all(getattr(r, head) is not None for r in records), head
+    assert [r.emotion for r in records] == [approx_list(r["emotion"]) for r in sample]
+    cfg = preset("tiny")
+    cfg.data.paths = [str(path)]
+    assert check_data(cfg) == ("ok", "60 records from 1 file(s); with targets: emotion 60, bentham 60, "
+                                     "regret 60, surd 60")
+
+
+SCRUPLES_ONE = anecdote("s1", 1, 2, 0, 0)
+EMOTION7 = [0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1]
+# (case, file name, format named or None, records, the bad item (line from 1, or array index
+# from 0), the field the error names, a part of its message)
+FOREIGN = [
+    ("canonical emotion in a legacy array", "legacy.json", None,
+     [LEGACY[0], {**LEGACY[2], "emotion": EMOTION7}], 1, "emotion", "a canonical target"),
+    ("canonical bentham in legacy JSONL", "legacy.jsonl", None,
+     [LEGACY[0], {**LEGACY[2], "bentham": [0.5] * 10}], 2, "bentham", "a canonical target"),
+    ("canonical regret in legacy JSONL", "legacy.jsonl", None,
+     [LEGACY[0], LEGACY[1], {**LEGACY[2], "regret": 0.2}], 3, "regret", "a canonical target"),
+    ("legacy regret_factor in canonical JSONL", "data.jsonl", None,
+     [FULL, {**PARTIAL, "regret_factor": 0.3}], 2, "regret_factor", "a redheart target"),
+    ("legacy emotions in a canonical array", "data.json", None,
+     [FULL, {**PARTIAL, "emotions": [1, 0, 0, 0, 0, 0, 1]}], 1, "emotions", "a redheart target"),
+    ("canonical emotion in a Scruples anecdote", "scruples.jsonl", None,
+     [SCRUPLES_ONE, {**anecdote("s2", 1, 0, 0, 0), "emotion": EMOTION7}], 2, "emotion", "a canonical target"),
+    ("legacy bentham_scores in a Scruples anecdote", "scruples.jsonl", None,
+     [{**SCRUPLES_ONE, "bentham_scores": {"utility": 0.1}}], 1, "bentham_scores", "a redheart target"),
+    ("canonical records named as redheart", "data.jsonl", "redheart",
+     [FULL], 1, "emotion", "a canonical target"),
+    ("canonical records in an array named as redheart", "data.json", "redheart",
+     [PARTIAL], 0, "emotion", "a canonical target"),  # (null, but a canonical field)
+    ("legacy records named as canonical", "legacy.jsonl", "canonical",
+     [LEGACY[0]], 1, "emotions", "a redheart target"),
+    ("canonical records named as scruples", "data.jsonl", "scruples",
+     [FULL], 1, "emotion", "a canonical target"),
+    ("a target of no known format", "legacy.json", None,
+     [{**LEGACY[0], "surd_metrics": {"risk": 0.5}}], 0, "surd_metrics", "unknown field, of no known format"),
+    ("an unknown field in canonical", "data.jsonl", None,
+     [FULL, {**PARTIAL, "colour": "red"}], 2, "colour", "unknown field, of no known format"),
+    ("an unknown field in legacy", "legacy.jsonl", None,
+     [{**LEGACY[1], "timestamp": "2024-01-01"}], 1, "timestamp", "unknown field, of no known format"),
+    ("an unknown field in Scruples", "scruples.jsonl", None,
+     [{**SCRUPLES_ONE, "upvotes": 12}], 1, "upvotes", "unknown field, of no known format"),
+    ("a Scruples field in canonical", "data.jsonl", None,
+     [FULL, {**PARTIAL, "label": "AUTHOR"}], 2, "label", "a field of the scruples format"),
+    ("a legacy text field in canonical", "data.jsonl", None,
+     [FULL, {"id": "x", "situation": "I lied.", "regret": 0.2}], 2, "situation", "a field of the redheart format"),
+]
+
+
+@pytest.mark.parametrize("case,name,fmt,objs,item,field,fragment", FOREIGN, ids=[c[0] for c in FOREIGN])
+def test_a_field_the_importer_would_drop_is_an_error_naming_file_item_and_field(
+        write_file, case, name, fmt, objs, item, field, fragment):
+    array = name.endswith(".json")
+    path = write_file(name, json.dumps(objs) if array else objs)
+    with pytest.raises(DataError) as exc:
+        load(path, fmt=fmt)
+    err = exc.value
+    assert (err.path, err.line, err.field) == (f"{path} item" if array else str(path), item, field)
+    assert str(err).startswith(f"{path}{' item' if array else ''}:{item}: {field}: {fragment}"), str(err)
+    # --skip-bad-records skips that record and counts it; the others load whole.
+    records, report = load(path, fmt=fmt, skip_bad=True)
+    assert report.skipped == 1 and len(records) == len(objs) - 1
+    assert report.files[0].first_errors == [str(err)]
+
+
+def test_a_field_that_would_be_dropped_fails_validate(write_file):
+    from redheart.config import preset
+    from redheart.validate import check_data
+
+    path = write_file("mixed.jsonl", [FULL, {**PARTIAL, "regret_factor": 0.3}])
+    cfg = preset("tiny")
+    cfg.data.paths = [str(path)]
+    status, reason = check_data(cfg)
+    assert status == "fail" and f"{path}:2: regret_factor: a redheart target" in reason
+
+
+# =======================================================================================
+# 7. The public corpus (read-only), first 2000 lines of each file
 
 
 def _head(src: Path, dst: Path, n: int = 2000) -> Path:

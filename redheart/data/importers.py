@@ -3,7 +3,9 @@ and GoEmotions TSV (English or Korean), each into canonical records.
 
 The label recipes follow ../shared/data/README.md: a target a source does not give is
 missing (None), never a constant. Each bad line raises a `DataError` naming file, line and
-field, or, with `skip_bad=True`, is skipped and counted in the `LoadReport`.
+field, or, with `skip_bad=True`, is skipped and counted in the `LoadReport`. A file's format
+is that of its first record (JSON lines, or one JSON array in a .json file); a record with a
+field its format does not have is a bad line, never a record loaded without that field.
 """
 from __future__ import annotations
 
@@ -42,6 +44,22 @@ GOEMOTIONS_LABELS = (
     "remorse", "sadness", "surprise", "neutral",
 )
 _GOEMO_TO_CLASS = {name: EMOTIONS.index(cls) for cls, names in GOEMOTIONS_GROUPS.items() for name in names}
+
+# Every field each JSON format's importer reads, and those of them that carry targets. A record
+# with any other field is refused: a field of another format is a target (or text) this
+# importer would drop, and a field of none may be one too.
+FIELDS = {
+    "canonical": ("id", "text", "emotion", "bentham", "regret", "surd", "source"),
+    "redheart": ("id", "text", "situation", "content", "input", "emotions", "bentham_scores", "regret_factor",
+                 "surd", "source"),
+    "scruples": ("id", "post_id", "title", "text", "action", "post_type", "label", "binarized_label",
+                 "label_scores"),
+}
+TARGET_FIELDS = {
+    "canonical": ("emotion", "bentham", "regret", "surd"),
+    "redheart": ("emotions", "bentham_scores", "regret_factor", "surd"),
+    "scruples": ("label_scores",),
+}
 
 
 @dataclass
@@ -121,6 +139,40 @@ def _json_line(line: str, where: tuple[str, int]) -> dict[str, Any]:
     return obj
 
 
+def _field_name(key: str) -> str:
+    """A record's key as an error names it: escaped if it is not plain text, cut if long."""
+    name = key if key.isprintable() else ascii(key)  # (a lone surrogate is not printable)
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def check_fields(obj: dict[str, Any], fmt: str, where: tuple[str, int]) -> None:
+    """Refuse a record with a field that the `fmt` importer does not read, naming the first one
+    and saying whose it is: never load the record without it."""
+    extra = [k for k in obj if k not in FIELDS[fmt]]
+    if not extra:
+        return
+    key = extra[0]
+    owners = [f for f in FIELDS if key in FIELDS[f]]
+    target_of = [f for f in owners if key in TARGET_FIELDS[f]]
+    if target_of:
+        what = f"a {target_of[0]} target, which the {fmt} importer would drop"
+    elif owners:
+        what = f"a field of the {'/'.join(owners)} format, which the {fmt} importer would drop"
+    else:
+        what = "unknown field, of no known format"
+    also = f"; also {', '.join(_field_name(k) for k in extra[1:])}" if len(extra) > 1 else ""
+    raise DataError(*where, _field_name(key), f"{what}{also} (read as {fmt}, whose fields are "
+                    f"{', '.join(FIELDS[fmt])}; one format a file, or name it as FORMAT:PATH)")
+
+
+def record_format(obj: dict[str, Any], where: tuple[str, int]) -> str:
+    """The format of a record: the one whose fields cover most of its own (canonical first on
+    a tie). Fields it does not cover are refused when the record is read."""
+    if "actions" in obj and "gold_annotations" in obj:
+        raise DataError(*where, None, "Scruples dilemmas are an evaluation set, not training data for the heads")
+    return max(FIELDS, key=lambda f: sum(k in FIELDS[f] for k in obj))
+
+
 def _stable_id(prefix: str, text: str) -> str:
     return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
 
@@ -130,10 +182,7 @@ def _stable_id(prefix: str, text: str) -> str:
 
 
 def parse_canonical(obj: dict[str, Any], where: tuple[str, int]) -> Record:
-    known = {"id", "text", "emotion", "bentham", "regret", "surd", "source"}
-    unknown = set(obj) - known
-    if unknown:
-        raise DataError(*where, None, f"unknown fields {sorted(unknown)} (canonical fields: {sorted(known)})")
+    check_fields(obj, "canonical", where)
     if "text" not in obj:
         raise DataError(*where, "text", "missing")
     text = check_text(obj["text"], where)
@@ -159,6 +208,7 @@ def parse_redheart(obj: dict[str, Any], where: tuple[str, int]) -> Record:
     """The earlier LLM-labelled Red Heart datasets: `emotions` as 7 floats in the order
     [Joy, Trust, Fear, Surprise, Sadness, Disgust, Anger] (scores, normalised to shares),
     `bentham_scores` with any subset of the 10 keys, `regret_factor`, optional `surd`."""
+    check_fields(obj, "redheart", where)
     text_key = next((k for k in ("text", "situation", "content", "input") if k in obj), None)
     if text_key is None:
         raise DataError(*where, "text", "missing (looked for text, situation, content, input)")
@@ -186,6 +236,7 @@ def parse_redheart(obj: dict[str, Any], where: tuple[str, int]) -> Record:
 def parse_scruples(obj: dict[str, Any], where: tuple[str, int]) -> Record:
     """Scruples anecdote: regret = (AUTHOR + EVERYBODY) / t, bentham.certainty = max / t,
     with t the non-INFO votes; every other target missing."""
+    check_fields(obj, "scruples", where)
     for key in ("id", "title", "text", "label_scores"):
         if key not in obj:
             raise DataError(*where, key, "missing (Scruples anecdote)")
@@ -310,8 +361,46 @@ def _goemotions_records(path: Path, report: FileReport, skip_bad: bool) -> Itera
         yield Record(id=rid, text=text, emotion=emotion, source=f"goemotions-{tag}", lang=lang)
 
 
+def _is_json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (its first character other than white space
+    and a byte-order mark is `[`) rather than JSON lines."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            while chunk := f.read(65536):
+                head = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
+                if head:
+                    return head.startswith(b"[")
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(str(path), None, None, f"unreadable or truncated file ({exc})") from None
+    return False
+
+
+def _read_json_array(path: Path) -> list[Any]:
+    try:
+        with _open_text(path) as f:
+            items = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), exc.lineno, None, f"malformed JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(str(path), None, None, "malformed JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(str(path), None, None, f"unreadable file ({exc})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DataError(str(path), None, None, f"malformed JSON ({exc})") from None
+    return items  # a list: the file starts with "["
+
+
+def _array_format(path: Path, items: list[Any]) -> str:
+    """The format of a JSON array: that of its first object (canonical when it has none)."""
+    for i, obj in enumerate(items):
+        if isinstance(obj, dict):
+            return record_format(obj, (f"{path} item", i))
+    return "canonical"
+
+
 def detect_format(path: Path) -> str:
-    """The format of a data file from its name and its first non-empty line."""
+    """The format of a data file from its name and its first record (the first non-empty line,
+    or item of a JSON array, that is a JSON object)."""
     name = path.name.lower()
     if name.endswith((".tsv", ".tsv.gz")):
         return "goemotions"
@@ -319,13 +408,13 @@ def detect_format(path: Path) -> str:
         raise DataError(str(path), None, None,
                         "unknown file type (expected .jsonl, .json or .tsv, optionally .gz; "
                         "or name the format as FORMAT:PATH)")
+    if name.endswith((".json", ".json.gz")) and _is_json_array(path):
+        return _array_format(path, _read_json_array(path))
     first_error: DataError | None = None
     looked = 0
     for n, line in _iter_lines_or_errors(path):
         if isinstance(line, str) and not line.strip():
             continue
-        if isinstance(line, str) and name.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
-            return "redheart"
         # A bad line is passed over (it is reported, or skipped, when the file is loaded):
         # the format is that of the first line that is a JSON object, among the first 100.
         looked += 1
@@ -338,41 +427,25 @@ def detect_format(path: Path) -> str:
             if looked >= 100:
                 raise first_error from None
             continue
-        if "label_scores" in obj and "title" in obj:
-            return "scruples"
-        if "actions" in obj and "gold_annotations" in obj:
-            raise DataError(str(path), n, None,
-                            "Scruples dilemmas are an evaluation set, not training data for the heads")
-        if any(k in obj for k in ("emotions", "bentham_scores", "regret_factor")):
-            return "redheart"
-        return "canonical"
+        return record_format(obj, (str(path), n))
     if first_error is not None:
         raise first_error
     raise DataError(str(path), None, None, "empty file: no records")
 
 
-def _json_array_records(path: Path, report: FileReport, skip_bad: bool) -> Iterator[Record]:
-    """A legacy Red Heart dataset saved as one JSON array (errors name the item's index)."""
-    try:
-        with _open_text(path) as f:
-            items = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataError(str(path), exc.lineno, None, f"malformed JSON ({exc.msg})") from None
-    except RecursionError:
-        raise DataError(str(path), None, None, "malformed JSON (nested too deeply)") from None
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(str(path), None, None, f"unreadable file ({exc})") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise DataError(str(path), None, None, f"malformed JSON ({exc})") from None
-    if not isinstance(items, list):
-        raise DataError(str(path), None, None, "expected a JSON array of records")
+PARSERS = {"canonical": parse_canonical, "redheart": parse_redheart, "scruples": parse_scruples}
+
+
+def _json_array_records(path: Path, items: list[Any], parse: Callable, report: FileReport,
+                        skip_bad: bool) -> Iterator[Record]:
+    """The records of a JSON array (errors name the item's index, from 0)."""
     report.lines = len(items)
     for i, obj in enumerate(items):
         where = (f"{path} item", i)
         try:
             if not isinstance(obj, dict):
                 raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield parse_redheart(obj, where)
+            yield parse(obj, where)
         except DataError as err:
             if not skip_bad:
                 raise
@@ -380,17 +453,18 @@ def _json_array_records(path: Path, report: FileReport, skip_bad: bool) -> Itera
 
 
 def load_file(path: Path, fmt: str | None, skip_bad: bool, report: FileReport) -> list[Record]:
-    fmt = fmt or detect_format(path)
-    report.format = fmt
-    if fmt == "goemotions":
-        it = _goemotions_records(path, report, skip_bad)
-    elif fmt == "redheart" and path.name.lower().endswith((".json", ".json.gz")):
-        it = _json_array_records(path, report, skip_bad)
-    elif fmt in ("canonical", "redheart", "scruples"):
-        parse = {"canonical": parse_canonical, "redheart": parse_redheart, "scruples": parse_scruples}[fmt]
-        it = _jsonl_records(path, parse, report, skip_bad)
-    else:
+    if fmt is not None and fmt not in FORMATS:
         raise DataError(str(path), None, None, f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt != "goemotions" and path.name.lower().endswith((".json", ".json.gz")) and _is_json_array(path):
+        # one JSON array, of records in any of the JSON formats (read once, its format from it)
+        items = _read_json_array(path)
+        fmt = fmt or _array_format(path, items)
+        it = _json_array_records(path, items, PARSERS[fmt], report, skip_bad)
+    else:
+        fmt = fmt or detect_format(path)
+        it = (_goemotions_records(path, report, skip_bad) if fmt == "goemotions"
+              else _jsonl_records(path, PARSERS[fmt], report, skip_bad))
+    report.format = fmt
     out = []
     for rec in it:
         if not rec.has_target:
