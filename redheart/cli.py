@@ -1,7 +1,7 @@
 """The command line: command -> function, argument parsing only.
 
     redheart unified-test | unified-train | unified-test-v1 | train-local | validate
-    redheart info | predict | crossover | plot
+    redheart info | predict | evaluate | crossover | plot
 """
 from __future__ import annotations
 
@@ -106,6 +106,20 @@ def value_origin(key: str, args) -> str | None:
         if node is not KeyError:
             return f"--config {f}"
     return None
+
+
+def _check_device(name: str, flag: str = "--device") -> None:
+    """cpu, cuda or cuda:N that this machine has; anything else is a usage error."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{flag}: cpu, cuda or cuda:N (got {name!r})")
+    if name.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= n:
+            raise ConfigError(f"{flag} {name}: " + (f"only {n} CUDA GPU(s) visible" if n else
+                              "no CUDA GPU is visible to PyTorch") + " (use --device cpu)")
 
 
 def make_config(args, mode: str, preset_name: str) -> Config:
@@ -378,6 +392,18 @@ def cmd_predict(args) -> int:
     return predict_command(args)
 
 
+def cmd_evaluate(args) -> int:
+    if not os.path.isfile(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1 (got {args.batch_size})")
+    if args.device != "auto":
+        _check_device(args.device)
+    from redheart.evaluate import evaluate_command
+
+    return evaluate_command(args)
+
+
 def cmd_crossover(args) -> int:
     from redheart.analysis_cli import crossover_command
 
@@ -415,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("texts", nargs="*", help="texts; none = read one text per line from --file or stdin")
     sp.add_argument("--file", help="a file with one text per line")
     sp.add_argument("--device", default="cpu")
+    sp = sub.add_parser("evaluate", help="score a checkpoint on data: every head's metrics, or Scruples dilemmas")
+    sp.add_argument("--checkpoint", required=True, help="a checkpoint, snapshot or crossover_final.pth")
+    sp.add_argument("--data", action="append", required=True,
+                    help="dilemmas:PATH (Scruples dilemmas) or any data spec; repeatable: one JSON line each")
+    sp.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                    help="all records (default), or that split of them by the checkpoint's split fractions")
+    sp.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    sp.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (does not change any result)")
     sp = sub.add_parser("crossover", help="run Sweet Spot and Parameter Crossover on a finished run directory")
     sp.add_argument("run_dir", nargs="?", default="training")
     sp.add_argument("--run-id", help="which run in the directory (default: the newest with snapshots)")
@@ -454,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 return launch_distributed(args, argv if args.preset else [*argv, "--preset", chosen])
             return cmd_train(args, args.command)
         handlers = {"unified-test-v1": cmd_unified_test_v1, "info": cmd_info, "validate": cmd_validate,
-                    "predict": cmd_predict, "crossover": cmd_crossover, "plot": cmd_plot}
+                    "predict": cmd_predict, "evaluate": cmd_evaluate, "crossover": cmd_crossover, "plot": cmd_plot}
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted before the run could stop cleanly (nothing of it was saved since its "
