@@ -22,6 +22,7 @@ module's first test does, and each test waits for its own.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -532,6 +533,22 @@ def predict_stdin(w: Work) -> None:
     (w.files / "texts.txt").write_text(TEXTS)
     lines = predictions(w.run(f"cat texts.txt | {PREDICT}", out=w.shared().out).stdout, 2)
     assert [p["text"] for p in lines] == TEXTS.splitlines()
+
+
+EVALUATE = ("bash run_learning.sh evaluate --checkpoint training/checkpoints_final/crossover_final.pth "
+            "--data dilemmas:scruples_dilemmas_dev.jsonl.gz")
+
+
+@case(EVALUATE, shared=True, cost=6)
+def evaluate_dilemmas(w: Work) -> None:
+    pair = {"id": "d1", "actions": [{"id": "a", "description": "lying to my friend"},
+                                    {"id": "b", "description": "returning a lost wallet"}], "gold_label": 0}
+    with gzip.open(w.files / "scruples_dilemmas_dev.jsonl.gz", "wt") as f:
+        f.write(json.dumps(pair) + "\n")
+    path = str(w.files / "scruples_dilemmas_dev.jsonl.gz")
+    proc = w.run(EVALUATE, out=w.shared().out, replace={"dilemmas:scruples_dilemmas_dev.jsonl.gz": f"dilemmas:{path}"})
+    got = json.loads(proc.stdout)
+    assert got["kind"] == "dilemmas" and got["n"] == 1 and got["accuracy"] in (0.0, 0.5, 1.0)
 
 
 @case("bash run_learning.sh crossover training", shared=True, cost=8)
