@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True, help="a checkpoint, snapshot or crossover_final.pth")
     sp.add_argument("texts", nargs="*", help="texts; none = read one text per line from --file or stdin")
     sp.add_argument("--file", help="a file with one text per line")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    sp.add_argument("--debug", action="store_true", help="an internal error shows its traceback")
     sp = sub.add_parser("evaluate", help="score a checkpoint on data: every head's metrics, or Scruples dilemmas")
     sp.add_argument("--checkpoint", required=True, help="a checkpoint, snapshot or crossover_final.pth")
     sp.add_argument("--data", action="append", required=True,
