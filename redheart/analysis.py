@@ -22,11 +22,13 @@ from redheart.config import MODULES, Config
 from redheart.model.network import RedHeartNet
 from redheart.plots import plot_sweet_spot
 from redheart.session import Session
-from redheart.train.trainer import amp_dtype, evaluate
+from redheart.train.metrics import expected_calibration_error, fit_temperature
+from redheart.train.trainer import amp_dtype, evaluate, predict_split
 
 log = logging.getLogger("redheart")
 
-SCORE_KEYS = ("loss", "emotion_acc", "emotion_f1", "bentham_mae", "bentham_r", "regret_mae", "regret_r", "surd_mae")
+SCORE_KEYS = ("loss", "emotion_acc", "emotion_f1", "emotion_ece", "bentham_mae", "bentham_r", "regret_mae", "regret_r",
+              "surd_mae")
 
 
 def write_sweet_spots(history: list[dict[str, Any]], cfg: Config, candidates: set[int], paths: RunPaths,
@@ -146,18 +148,21 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     except Exception as exc:  # the yardstick is optional: never lose the crossover over it
         log.warning("linear probe skipped: %s", exc)
 
+    calibration = calibrate(model, result["state"], session, cfg, dtype)
     source_epochs = {m: int(src.split()[1]) if src.startswith("epoch ") else None
                      for m, src in result["sources"].items()}
     out_path = paths.checkpoints / "crossover_final.pth"
     state = {k: v.detach().cpu().contiguous() for k, v in result["state"].items()}
     payload = {"kind": "crossover", "format": ckio.FORMAT_VERSION, "run_id": paths.run_id,
                "model_state": state, "sources": result["sources"], "source_epochs": source_epochs,
-               "base_epoch": base_epoch, "scores": table, "trials": result["trials"], "config": cfg.to_dict()}
+               "base_epoch": base_epoch, "scores": table, "trials": result["trials"], "config": cfg.to_dict(),
+               "calibration": calibration}
     info = ckio.atomic_save(payload, out_path)
     save_file(state, str(out_path.with_suffix(".safetensors")),
               metadata={"run_id": paths.run_id, "sources": json.dumps(result["sources"])})
     report = {"run_id": paths.run_id, "base_epoch": base_epoch, "sources": result["sources"],
               "trials": result["trials"], "scores": table, "sweet_spots": {m: r.get("epoch") for m, r in spots.items()},
+              "calibration": calibration,
               "crossover_file": str(out_path), "sha256": info["sha256"]}
     ckio.atomic_write_text(json.dumps(report, indent=2, allow_nan=True) + "\n",
                            paths.checkpoints / f"crossover_report_{stamp}.json")
@@ -165,6 +170,33 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     gain = result["base_score"] - result["score"]
     log.info("crossover: val loss %.4f -> %.4f (gain %.4f); wrote %s", result["base_score"], result["score"], gain, out_path)
     return report
+
+
+def calibrate(model: torch.nn.Module, state: dict[str, torch.Tensor], session: Session, cfg: Config,
+              dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """Temperature scaling of the crossover model's emotion shares: the temperature fitted on the
+    validation split (`fit_temperature`), and the expected calibration error before and after on
+    validation and test. None when validation has too few emotion targets to fit on."""
+    model.load_state_dict(_as_float(state))
+    preds, targets = {}, {}
+    for split in ("val", "test"):
+        data = session.data.splits[split]
+        mask = data.emotion_mask
+        if int(mask.sum()) < 2:
+            continue
+        preds[split] = predict_split(model, session.features[split], cfg.train.eval_batch, dtype)["emotion"][mask]
+        targets[split] = data.emotion[mask]
+    if "val" not in preds:
+        return None
+    t = fit_temperature(preds["val"], targets["val"])
+    out: dict[str, Any] = {"emotion_temperature": t, "fitted_on": "val"}
+    for split in preds:
+        out[split] = {"ece_before": expected_calibration_error(preds[split], targets[split]),
+                      "ece_after": expected_calibration_error(preds[split], targets[split], temperature=t),
+                      "texts": len(preds[split])}
+    log.info("calibration: emotion temperature %.3f (fitted on validation); ECE %s", t, ", ".join(
+        f"{s} {out[s]['ece_before']:.4f} -> {out[s]['ece_after']:.4f}" for s in preds))
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -177,6 +209,12 @@ def format_report(report: dict[str, Any]) -> str:
         for name, sc in report["scores"].items():
             row = sc.get(split) or {}
             lines.append(f"{name:<14}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in SCORE_KEYS))
+        lines.append("")
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"emotion calibration: temperature {cal['emotion_temperature']:.3f} (fitted on validation); "
+                     "expected calibration error " + ", ".join(
+                         f"{s} {cal[s]['ece_before']:.4f} -> {cal[s]['ece_after']:.4f}" for s in ("val", "test") if s in cal))
         lines.append("")
     lines.append("trials (greedy, on validation loss):")
     for t in report["trials"]:

@@ -13,7 +13,8 @@ judged stories to short action phrases) and the accuracy on the others.
 
 Any other importable data gets every head's metrics, the same ones as the training report
 (`head_metrics`), on all its records or on one split of it (`--split`, by the checkpoint's own
-split fractions: `--split test` on the training corpus is the run's test split).
+split fractions: `--split test` on the training corpus is the run's test split); for a model
+with a fitted emotion temperature (crossover_final.pth), also the calibration error with it.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from redheart.data.importers import iter_lines, load_data
 from redheart.data.schema import DataError, Record
 from redheart.model.build import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
-from redheart.train.metrics import head_metrics
+from redheart.train.metrics import expected_calibration_error, head_metrics
 from redheart.train.trainer import amp_dtype, predict_split
 
 log = logging.getLogger("redheart")
@@ -120,7 +121,9 @@ class Scorer:
     def __init__(self, checkpoint: str | Path, device: str = "auto", batch_size: int = 32):
         name = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         self.device = torch.device(name)
-        self.model, self.cfg, _ = model_from_checkpoint(checkpoint, self.device)
+        self.model, self.cfg, ckpt = model_from_checkpoint(checkpoint, self.device)
+        # the crossover model's temperature for the emotion shares, fitted on validation (analysis.py)
+        self.temperature = float((ckpt.get("calibration") or {}).get("emotion_temperature", 1.0))
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
         self.encoder = Encoder(self.cfg.model.encoder).to(self.device)
         self.dtype = amp_dtype(self.cfg, self.device)
@@ -184,8 +187,14 @@ def evaluate_data(scorer: Scorer, spec: str, split: str = "all") -> dict[str, An
     if not records:
         raise DataError(spec, None, None, f"no records in the {split} split" if split != "all" else "no records")
     pred, data = scorer.predict(records)
-    metrics = head_metrics(pred, data.targets(torch.arange(len(data))), cfg.train.head_weights)
-    return {"data": spec, "kind": "heads", "split": split, "records": len(records), "metrics": metrics}
+    tgt = data.targets(torch.arange(len(data)))
+    metrics = head_metrics(pred, tgt, cfg.train.head_weights)
+    out = {"data": spec, "kind": "heads", "split": split, "records": len(records), "metrics": metrics}
+    if scorer.temperature != 1.0 and int(tgt["emotion_mask"].sum()) > 0:
+        m = tgt["emotion_mask"]
+        out["calibration"] = {"emotion_temperature": scorer.temperature, "emotion_ece": expected_calibration_error(
+            pred["emotion"][m], tgt["emotion"][m], temperature=scorer.temperature)}
+    return out
 
 
 def evaluate_spec(scorer: Scorer, spec: str, split: str = "all") -> dict[str, Any]:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redheart import resume_flags
 from redheart.ckpt import io as ckio
-from redheart.ckpt.state import RunPaths, find_resume_state, read_registry, set_aside, timestamp
+from redheart.ckpt.lock import OutputDirBusy, OutputLock
+from redheart.ckpt.state import RunPaths, adopt_orphans, find_resume_state, read_registry, set_aside, timestamp
 from redheart.config import HEADS, MODULES, Config, ConfigError
 from redheart.data.importers import LoadedData
 from redheart.runlog import Progress, duration, setup_logging
@@ -50,12 +52,19 @@ class RunOptions:
     analysis: bool = True  # Sweet Spot + Crossover after training
     faults: dict[str, Any] = field(default_factory=dict)  # test hooks (injected failures)
     mode: str = "unified-train"  # the run_learning.sh mode, for the "resume with" hint
+    # config key -> the flag that set it on the command line (`resume_flags.asked_settings`): on
+    # resume each is checked against the state, which keeps its settings
+    asked: dict[str, str] = field(default_factory=dict)
     data: LoadedData | None = None  # the records, when the caller read them already
 
 
 def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None, str | None]:
     """(config, paths, resume state or None, warm-start snapshot or None, the file either came from)."""
     root = Path(cfg.output_dir)
+    try:  # complete resume states that a kill left unregistered count as any other
+        adopt_orphans(root)
+    except ckio.CheckpointError as exc:  # the registry could not be written: find_resume_state still sees them
+        log.warning("%s", exc)
     if opts.resume:
         if opts.resume == "latest":
             skipped: list[dict[str, Any]] = []
@@ -71,7 +80,13 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
                 state = ckio.load(path, recorded_sha256(path))
             except ckio.CheckpointError as exc:
                 raise ckio.CheckpointError(f"{exc} (--resume latest takes the newest sound resume state)") from None
+            check_resumable(state, path)
         saved = Config.from_dict(state["config"])
+        found = resume_flags.conflicts(saved, cfg, opts.asked)
+        if found:
+            shown = f"latest ({path})" if opts.resume == "latest" else str(path)
+            raise UsageError(resume_flags.conflict_message(shown, state.get("run_id", "?"), found))
+        resume_flags.take_changeable(saved, cfg, opts.asked)
         saved.output_dir = cfg.output_dir
         saved.train.device = cfg.train.device
         saved.train.parallel = cfg.train.parallel  # how this launch shares the work, like --gpus
@@ -96,16 +111,57 @@ def open_run(cfg: Config, opts: RunOptions) -> tuple[Config, RunPaths, dict[str,
     return cfg, RunPaths(root, run_id), None, None, None
 
 
-def open_run_everywhere(cfg: Config, opts: RunOptions, world) -> tuple[Config, RunPaths, dict[str, Any] | None,
-                                                                        dict[str, Any] | None]:
-    """open_run on rank 0 (it may set damaged files aside); the other ranks take its decision
-    (config, run id, the file to start from) and load that file themselves."""
+# What `Trainer.restore` reads of a resume state, and a warm start of a snapshot.
+RESUME_KEYS = ("run_id", "config", "model_state", "optimizer", "scheduler", "ema", "epoch", "step_in_epoch",
+               "global_step", "micro_batch", "lr", "history", "epoch_stats", "bad_steps_total",
+               "bad_steps_in_row", "oom_events", "finished")
+SNAPSHOT_KEYS = ("run_id", "config", "model_state", "epoch")
+
+
+def check_resumable(state: dict[str, Any], path: Path) -> None:
+    """A checkpoint given to --resume: a resume state (an exact continuation) or an epoch snapshot
+    (a start from its weights); anything else is refused saying what it is and what it is for."""
+    kind = state.get("kind")
+    if kind == "crossover":
+        raise UsageError(
+            f"--resume {path}: this is the Parameter Crossover model (modules taken from several epochs' "
+            f"snapshots), a finished model, not a point of a training run: it cannot be resumed. Use it for "
+            f"predictions: bash run_learning.sh predict --checkpoint {path} \"some text\". To train on, give "
+            f"--resume latest (or a resume_state_*.pt) for an exact continuation, or an epoch snapshot "
+            f"(checkpoint_epoch_*.pt) to start from its weights")
+    need = RESUME_KEYS if kind == "resume" else SNAPSHOT_KEYS if kind == "snapshot" else None
+    if need is None:
+        raise ckio.CheckpointError(f"{path} is not a resume state or an epoch snapshot of this system (its kind: "
+                                   f"{kind!r}): --resume takes one of those (--resume latest: the newest resume "
+                                   f"state of --output-dir)")
+    missing = [k for k in need if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise ckio.CheckpointError(f"{path} is not a complete {kind} (missing: {', '.join(missing) or 'config'}): "
+                                   f"it cannot be resumed")
+
+
+def lock_output_dir(cfg: Config, held: list[OutputLock]) -> None:
+    """The output directory's lock (`redheart.ckpt.lock`), taken before the run reads the
+    directory and held until `train` returns; appended to `held`."""
+    try:
+        held.append(OutputLock.acquire(cfg.output_dir))
+    except OutputDirBusy as exc:
+        raise UsageError(str(exc)) from None
+
+
+def open_run_everywhere(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> tuple[
+        Config, RunPaths, dict[str, Any] | None, dict[str, Any] | None]:
+    """open_run on rank 0 (it may set damaged files aside), holding the output directory's lock
+    (appended to `held`); the other ranks take its decision (config, run id, the file to start
+    from) and load that file themselves."""
     from redheart import dist as rdist
 
     if not world.active:
+        lock_output_dir(cfg, held)
         return open_run(cfg, opts)[:4]
     if world.main:
         try:
+            lock_output_dir(cfg, held)
             cfg, paths, state, warm, source = open_run(cfg, opts)
         except Exception as exc:
             rdist.broadcast({"error": str(exc)}, world)
@@ -260,6 +316,11 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
         lines.append(f"  crossover: val loss {sc['crossover']['val']['loss']:.4f} vs {sc['best_epoch']['val']['loss']:.4f} "
                      f"for the best epoch {report['base_epoch']} (gain {gain:+.4f}); modules from "
                      + ", ".join(f"{m}={s}" for m, s in report["sources"].items()))
+        cal = report.get("calibration")
+        if cal:
+            lines.append(f"  emotion calibration: temperature {cal['emotion_temperature']:.3f} (fitted on validation); "
+                         + ", ".join(f"{s} ECE {cal[s]['ece_before']:.4f} -> {cal[s]['ece_after']:.4f}"
+                                     for s in ("val", "test") if s in cal))
         if sc["crossover"].get("test"):
             lines.append("  test loss: " + ", ".join(
                 f"{name.replace('_', ' ')} {sc[name]['test']['loss']:.4f}"
@@ -302,10 +363,11 @@ def train(cfg: Config, opts: RunOptions) -> int:
 
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     world = rdist.from_env()
+    held: list[OutputLock] = []  # the output directory's lock (rank 0)
     try:
         if world.active:
             cfg = _join_world(cfg, world)
-        code = _train(cfg, opts, world)
+        code = _train(cfg, opts, world, held)
         if world.main and os.environ.get("REDHEART_EXIT_FILE"):  # the launcher returns rank 0's code
             Path(os.environ["REDHEART_EXIT_FILE"]).write_text(str(code))
         return code
@@ -314,6 +376,8 @@ def train(cfg: Config, opts: RunOptions) -> int:
         signal.signal(signal.SIGINT, handlers[1])
         ckio.set_faults({})
         rdist.shutdown()
+        for lock in held:
+            lock.release()
 
 
 def _join_world(cfg: Config, world) -> Config:
@@ -331,7 +395,7 @@ def _join_world(cfg: Config, world) -> Config:
     return cfg
 
 
-def _train(cfg: Config, opts: RunOptions, world) -> int:
+def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
     ckio.set_faults(opts.faults)
     setup_logging(opts.debug)  # the console, for what opening the run has to say (skipped states, ...)
     if not world.main:
@@ -340,7 +404,7 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
     log.addHandler(early)
     try:
         preflight(cfg)
-        cfg, paths, state, warm = open_run_everywhere(cfg, opts, world)
+        cfg, paths, state, warm = open_run_everywhere(cfg, opts, world, held)
     finally:
         log.removeHandler(early)
     if world.main:
@@ -370,11 +434,12 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
         if world.main:
             log.info("\n%s", start_summary(cfg, paths, session, trainer))
         if state is not None:
-            trainer.restore(state)
+            _fitting(lambda: trainer.restore(state), f"the resume state of run {paths.run_id}")
             log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
                      trainer.step_in_epoch, trainer.global_step)
         elif warm is not None:
-            trainer.load_weights({k: v.float() for k, v in warm["model_state"].items()})
+            _fitting(lambda: trainer.load_weights({k: v.float() for k, v in warm["model_state"].items()}),
+                     f"the epoch snapshot of run {warm.get('run_id')}")
             trainer.epoch = int(warm["epoch"])
         elif cfg.sweep.enabled:
             from redheart.sweep import run_sweep, write_sweep
@@ -435,6 +500,20 @@ def _train(cfg: Config, opts: RunOptions, world) -> int:
     tb.close()
     log.info("\n%s", end_summary(paths, history, report))
     return 0
+
+
+def _fitting(load: Callable[[], None], what: str) -> None:
+    """Load a checkpoint into the trainer, a file that does not fit the model of its own config
+    (put together elsewhere) said as such instead of an internal error."""
+    import torch
+
+    try:
+        load()
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ckio.CheckpointError(f"{what} does not fit the model and optimizer of its own config: {first}") from None
 
 
 def _micro_batch_probe(cfg: Config, session, opts: RunOptions, world, paths: RunPaths,

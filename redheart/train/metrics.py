@@ -1,7 +1,7 @@
 """Per-head validation metrics from predictions and masked targets (pure, on CPU tensors).
 
 emotion: loss (cross-entropy, no smoothing), accuracy and macro-F1 against the argmax of the
-soft target; bentham and regret: loss (MSE), MAE and Pearson r over labelled items; surd:
+soft target, and the expected calibration error of its shares; bentham and regret: loss (MSE), MAE and Pearson r over labelled items; surd:
 loss (cross-entropy) and MAE of the shares. `loss` is the weighted sum of the head losses
 over the heads that have targets, the number every later step compares.
 """
@@ -48,6 +48,7 @@ def head_metrics(pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
         p, g = logits.argmax(-1), target.argmax(-1)
         m["emotion_acc"] = float((p == g).float().mean())
         m["emotion_f1"] = macro_f1(p, g, logits.shape[-1])
+        m["emotion_ece"] = expected_calibration_error(logits, target)
     bm = tgt["bentham_mask"]
     if bm.any():
         pb, tb = pred["bentham"].float()[bm], tgt["bentham"][bm]
@@ -120,3 +121,45 @@ MODULE_METRIC = {
     "regret": ("regret_loss", False),
     "surd": ("surd_loss", False),
 }
+
+
+def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor, bins: int = 15,
+                               temperature: float = 1.0) -> float:
+    """ECE of a softmax head (Guo et al., 2017): the texts binned by their top predicted share,
+    each bin's |accuracy - mean top share| weighted by its size; a prediction is right when its
+    argmax is the argmax of the (soft) target."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    conf, pred = p.max(-1)
+    right = (pred == target.argmax(-1)).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += float(inside.double().mean()) * abs(float(right[inside].mean() - conf[inside].mean()))
+    return ece
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The temperature T that minimises the cross-entropy of softmax(logits / T) against the
+    (soft) targets: one parameter, fitted on validation (temperature scaling, Guo et al. 2017).
+    A golden-section search over log T in [1/20, 20] (the loss is convex in 1/T)."""
+    logits, target = logits.double(), target.double()
+
+    def nll(log_t: float) -> float:
+        return float(-(target * torch.log_softmax(logits / math.exp(log_t), -1)).sum(-1).mean())
+
+    lo, hi = math.log(1 / 20), math.log(20)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
