@@ -52,7 +52,9 @@ def _unpaired_surrogate(text: str) -> int | None:
 class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16):
         self.device = parse_device(str(device))
-        self.model, self.cfg, _ = model_from_checkpoint(checkpoint, self.device)
+        self.model, self.cfg, ckpt = model_from_checkpoint(checkpoint, self.device)
+        # the emotion temperature fitted on validation after the crossover (1: other checkpoints)
+        self.temperature = float((ckpt.get("calibration") or {}).get("emotion_temperature", 1.0))
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
         self.encoder = Encoder(self.cfg.model.encoder).to(self.device, torch.float32)
         self.batch_size = batch_size
@@ -78,7 +80,7 @@ class Predictor:
             keep = batch.keep.to(self.device)
             states = self.encoder(batch.input_ids.to(self.device), keep)
             pred = head_values(self.model(states, keep, batch.padded))
-            emo = torch.softmax(pred["emotion"].float(), -1).cpu()
+            emo = torch.softmax(pred["emotion"].float() / self.temperature, -1).cpu()
             surd = torch.softmax(pred["surd"].float(), -1).cpu()
             ben, reg = pred["bentham"].float().cpu(), pred["regret"].float().cpu()
             for row, i in enumerate(idx):

@@ -52,3 +52,21 @@ def test_the_crossover_model_carries_its_temperature_and_the_report_its_ece(tiny
     assert ckpt["calibration"]["emotion_temperature"] == cal["emotion_temperature"]
     assert "emotion_ece" in report["scores"]["crossover"]["test"]
     assert "emotion calibration: temperature" in (root / "checkpoints_final" / f"crossover_report_{run_id}.txt").read_text()
+
+
+def test_predict_applies_the_crossover_models_temperature(tiny_run):
+    from redheart.data.dataset import TaskData, collate
+    from redheart.data.schema import EMOTIONS, Record
+    from redheart.predict import Predictor
+
+    root, _ = tiny_run
+    p = Predictor(root / "checkpoints_final" / "crossover_final.pth")
+    assert p.temperature != 1.0  # fitted: exactly 1.0 would mean it was never read
+    text = "I lied to my friend and she found out."
+    got = p(text)["emotion"]
+    batch = collate(TaskData([Record(id="0", text=text)], p.tokenizer([text])), [0], p.tokenizer.pad_id)
+    with torch.no_grad():
+        logits = p.model(p.encoder(batch.input_ids, batch.keep), batch.keep, batch.padded)["emotion"][0]
+    want = torch.softmax(logits / p.temperature, -1)
+    assert [got[e] for e in EMOTIONS] == [round(float(v), 4) for v in want]
+    assert Predictor(sorted((root / "checkpoints_final").glob("checkpoint_epoch_*.pt"))[-1]).temperature == 1.0
