@@ -67,6 +67,8 @@ class TaskData:
         self.regret_mask = torch.zeros(n, dtype=torch.bool)
         self.surd = torch.zeros(n, len(SURD))
         self.surd_mask = torch.zeros(n, dtype=torch.bool)
+        self.votes = torch.tensor([float(r.votes or 0) for r in records])  # 0: not vote shares
+        self.weight = torch.ones(n)  # of the record's regret and Bentham losses (`vote_weights`)
         for i, r in enumerate(records):
             if r.emotion is not None:
                 self.emotion[i] = torch.tensor(r.emotion)
@@ -92,6 +94,7 @@ class TaskData:
             "bentham": self.bentham[idx], "bentham_mask": self.bentham_mask[idx],
             "regret": self.regret[idx], "regret_mask": self.regret_mask[idx],
             "surd": self.surd[idx], "surd_mask": self.surd_mask[idx],
+            "weight": self.weight[idx],
         }
 
     def head_counts(self, idx: list[int] | None = None) -> dict[str, int]:

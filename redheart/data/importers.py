@@ -49,7 +49,7 @@ _GOEMO_TO_CLASS = {name: EMOTIONS.index(cls) for cls, names in GOEMOTIONS_GROUPS
 # with any other field is refused: a field of another format is a target (or text) this
 # importer would drop, and a field of none may be one too.
 FIELDS = {
-    "canonical": ("id", "text", "emotion", "bentham", "regret", "surd", "source"),
+    "canonical": ("id", "text", "emotion", "bentham", "regret", "surd", "source", "votes"),
     "redheart": ("id", "text", "situation", "content", "input", "emotions", "bentham_scores", "regret_factor",
                  "surd", "source"),
     "scruples": ("id", "post_id", "title", "text", "action", "post_type", "label", "binarized_label",
@@ -194,13 +194,16 @@ def parse_canonical(obj: dict[str, Any], where: tuple[str, int]) -> Record:
     source = obj.get("source", "")
     if not isinstance(source, str):
         raise DataError(*where, "source", f"expected a string, got {source!r}")
+    votes = obj.get("votes")
+    if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
+        raise DataError(*where, "votes", f"expected a whole number of votes >= 1, got {votes!r}")
     return Record(
         id=rid, text=text,
         emotion=None if emo is None else distribution(emo, EMOTIONS, "emotion", where),
         bentham=None if ben is None else bentham_vector(ben, "bentham", where),
         regret=None if reg is None else unit_value(reg, "regret", where),
         surd=None if surd is None else distribution(surd, SURD, "surd", where),
-        source=source or "canonical", lang=detect_lang(text),
+        votes=votes, source=source or "canonical", lang=detect_lang(text),
     )
 
 
@@ -263,7 +266,7 @@ def parse_scruples(obj: dict[str, Any], where: tuple[str, int]) -> Record:
     bentham[BENTHAM.index("certainty")] = max(votes.values()) / t
     return Record(
         id=f"scruples-{rid}", text=text, bentham=bentham,
-        regret=(votes["AUTHOR"] + votes["EVERYBODY"]) / t, source="scruples", lang=detect_lang(text),
+        regret=(votes["AUTHOR"] + votes["EVERYBODY"]) / t, votes=t, source="scruples", lang=detect_lang(text),
     )
 
 

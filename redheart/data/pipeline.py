@@ -9,6 +9,7 @@ from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice
 from redheart.data.importers import LoadedData, LoadReport, data_specs, load_data
 from redheart.data.schema import DataError
 from redheart.model.encoder import DEFAULT_ENCODER, Tokenizer
+from redheart.train.losses import vote_weights
 
 log = logging.getLogger("redheart")
 
@@ -64,4 +65,7 @@ def prepare_data(cfg: Config, tokenizer: Tokenizer, loaded: LoadedData | None = 
                         f"the validation split is empty ({len(records)} records in all): "
                         "validation runs every epoch, so give more records or a larger data.val_frac")
     splits = {s: TaskData(by_split[s], tokenizer([r.text for r in by_split[s]])) for s in SPLITS}
+    if cfg.tech.vote_weighting:
+        for d in splits.values():
+            d.weight = vote_weights(d.votes, cfg.tech.vote_overdispersion)
     return DataBundle(report=report, splits=splits, pad_id=tokenizer.pad_id)

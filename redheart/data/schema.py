@@ -38,6 +38,9 @@ class Record:
     bentham: list[float | None] | None = None  # 10 values in [0, 1] or None each, order BENTHAM
     regret: float | None = None  # in [0, 1]
     surd: list[float] | None = None  # 4 shares summing to 1, order SURD
+    # how many people's judgements the regret and Bentham shares come from (Scruples: the
+    # non-INFO votes); None where they are not vote shares. Weighs the record's loss (`vote_weights`)
+    votes: int | None = None
     source: str = ""
     lang: str = "en"
 
@@ -47,8 +50,11 @@ class Record:
                 or (self.bentham is not None and any(v is not None for v in self.bentham)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "emotion": self.emotion, "bentham": self.bentham,
-                "regret": self.regret, "surd": self.surd, "source": self.source}
+        out = {"id": self.id, "text": self.text, "emotion": self.emotion, "bentham": self.bentham,
+               "regret": self.regret, "surd": self.surd, "source": self.source}
+        if self.votes is not None:
+            out["votes"] = self.votes
+        return out
 
 
 def detect_lang(text: str) -> str:

@@ -21,7 +21,8 @@ from redheart.train.losses import rdrop_consistency, task_loss
 
 log = logging.getLogger("redheart")
 
-TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "regret_mask", "surd", "surd_mask")
+TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "regret_mask", "surd", "surd_mask",
+               "weight")
 
 
 def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device, width: int = 0,
@@ -133,7 +134,8 @@ class GraphedMicroSteps:
         tg = {"emotion": torch.full((b, 7), 1 / 7), "bentham": torch.full((b, 10), 0.5),
               "regret": torch.full((b,), 0.5), "surd": torch.full((b, 4), 0.25),
               "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
-              "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.ones(b, dtype=torch.bool)}
+              "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.ones(b, dtype=torch.bool),
+              "weight": torch.ones(b)}
         # packed: any distinct positions do for the capture; each replay writes its own plan
         packing = None if not rows else Packing(torch.arange(rows * width, device=device),
                                                 b * (2 if self.tech.rdrop_alpha > 0 else 1), rows, width)
