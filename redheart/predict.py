@@ -104,11 +104,11 @@ def _as_bytes(text: str) -> bytes:
 
 
 def utf8_text(data: bytes, where: Callable[[int], str], by_line: bool = True) -> str:
-    """`data` decoded as UTF-8 (a byte-order mark at its start dropped); else a ValueError at
-    `where(line)` (its first byte that is not UTF-8: the line from 1, and the column, counted
-    in bytes from the start of the line, or of `data` when not `by_line`)."""
+    """`data` decoded as UTF-8; else a ValueError at `where(line)` (its first byte that is not
+    UTF-8: the line from 1, and the column, counted in bytes from the start of the line, or of
+    `data` when not `by_line`)."""
     try:
-        return data.decode("utf-8").removeprefix("\ufeff")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1 if by_line else 0) + 1
@@ -137,7 +137,7 @@ def read_texts(args) -> list[str]:
         data = buffer.read() if buffer is not None else _as_bytes(sys.stdin.read())
         text = utf8_text(data, lambda line: f"stdin line {line}")
         where = "stdin"
-    texts = [line for line in text.splitlines() if line.strip()]
+    texts = [line for line in text.removeprefix("\ufeff").splitlines() if line.strip()]  # (a byte-order mark)
     if not texts:
         raise ValueError(f"no texts given: {where} holds no non-blank line")
     return texts

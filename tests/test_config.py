@@ -23,6 +23,25 @@ def test_bare_on_and_off_read_as_the_words_the_readme_uses(tmp_path):
         build_config("tiny", [], ["train.snapshot_weights=on"])
 
 
+@pytest.mark.parametrize("source", ["set", "yaml"])
+@pytest.mark.parametrize("value", ["inf", ".inf", "1e999", "-.inf", ".nan", "nan", "1e999999"])
+def test_an_integer_setting_given_infinity_or_nan_is_a_config_error(tmp_path, source, value):
+    """(issue 27: `validate --set train.epochs=inf` or `epochs: .inf` in a --config file ended in
+    an internal OverflowError, found by the command-line property test)"""
+    y = tmp_path / "c.yaml"
+    y.write_text(f"train:\n  epochs: {value}\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got "):
+        build_config("tiny", [str(y)] if source == "yaml" else [], [f"train.epochs={value}"] if source == "set" else [])
+
+
+def test_a_large_integer_is_kept_exactly_and_a_seed_must_be_in_range():
+    assert build_config("tiny", [], ["train.epochs=12345678901234567891"]).train.epochs == 12345678901234567891
+    for seed in ("-1", str(2**32), "99999999999999999999999"):  # torch cannot take the last one
+        with pytest.raises(ConfigError, match=r"train\.seed: must be in \[0, 2\*\*32\)"):
+            build_config("tiny", [], [f"train.seed={seed}"])
+    assert build_config("tiny", [], [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
 def test_round_trip_through_a_dict():
     cfg = build_config("730m", [], ["train.lr=2e-4", "data.paths=[a.jsonl, b.tsv]"])
     again = Config.from_dict(cfg.to_dict())

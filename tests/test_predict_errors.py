@@ -42,6 +42,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: on a shared machine more compute threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def byte_stdin(data: bytes) -> io.TextIOWrapper:
     """stdin as Python sets it up for a process (UTF-8, surrogateescape as under a C/UTF-8 locale)."""
     return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
@@ -129,6 +138,16 @@ def test_not_a_device(checkpoint, capsys, monkeypatch, device):
     code, out, err = predict(["--checkpoint", str(checkpoint), "--device", device, TEXT], capsys, monkeypatch)
     assert (code, out) == (2, "")
     assert only_error(err) == f"error: --device {device}: not a device predict can use (cpu, cuda or cuda:N)"
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--file", "--device"])
+def test_an_option_whose_value_is_two_dashes(checkpoint, capsys, monkeypatch, option):
+    """argparse reads `--file=--` as no value at all (a list): found by the property test as an
+    internal TypeError."""
+    argv = [f"{option}=--", TEXT] if option == "--checkpoint" else ["--checkpoint", str(checkpoint), f"{option}=--", TEXT]
+    code, out, err = predict(argv, capsys, monkeypatch, stdin=TEXT.encode())
+    assert (code, out) == (2, "")
+    assert only_error(err) == f"error: {option}: expected a value"
 
 
 def test_debug_is_accepted(checkpoint, capsys, monkeypatch):
