@@ -164,12 +164,36 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
               "trials": result["trials"], "scores": table, "sweet_spots": {m: r.get("epoch") for m, r in spots.items()},
               "calibration": calibration,
               "crossover_file": str(out_path), "sha256": info["sha256"]}
+    if cfg.data.eval_paths:
+        report["evaluations"] = evaluations(out_path, cfg.data.eval_paths, session.device)
     ckio.atomic_write_text(json.dumps(report, indent=2, allow_nan=True) + "\n",
                            paths.checkpoints / f"crossover_report_{stamp}.json")
     ckio.atomic_write_text(format_report(report), paths.checkpoints / f"crossover_report_{stamp}.txt")
     gain = result["base_score"] - result["score"]
     log.info("crossover: val loss %.4f -> %.4f (gain %.4f); wrote %s", result["base_score"], result["score"], gain, out_path)
     return report
+
+
+def evaluations(checkpoint, specs: list[str], device: torch.device) -> list[dict[str, Any]]:
+    """The crossover model on the run's evaluation data (`data.eval_paths`: Scruples dilemmas,
+    or any data scored whole), as `redheart evaluate` prints it; a spec that fails is reported
+    with its error instead (the run's results stand without it)."""
+    from redheart.data.schema import DataError
+    from redheart.evaluate import Scorer, evaluate_spec
+
+    scorer = Scorer(checkpoint, str(device))
+    out = []
+    for spec in specs:
+        try:
+            out.append(evaluate_spec(scorer, spec))
+        except (DataError, OSError) as exc:
+            log.warning("evaluation data %s: %s", spec, exc)
+            out.append({"data": spec, "error": str(exc)})
+            continue
+        r = out[-1]
+        log.info("evaluation on %s: %s", spec, f"dilemmas accuracy {r['accuracy']:.4f} of {r['n']}" if r["kind"] == "dilemmas"
+                 else f"loss {r['metrics']['loss']:.4f} on {r['records']} records")
+    return out
 
 
 def calibrate(model: torch.nn.Module, state: dict[str, torch.Tensor], session: Session, cfg: Config,
@@ -215,6 +239,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"emotion calibration: temperature {cal['emotion_temperature']:.3f} (fitted on validation); "
                      "expected calibration error " + ", ".join(
                          f"{s} {cal[s]['ece_before']:.4f} -> {cal[s]['ece_after']:.4f}" for s in ("val", "test") if s in cal))
+        lines.append("")
+    for e in report.get("evaluations") or []:
+        if "error" in e:
+            lines.append(f"evaluation on {e['data']}: failed ({e['error']})")
+        elif e["kind"] == "dilemmas":
+            lines.append(f"evaluation on {e['data']}: accuracy {e['accuracy']:.4f} of {e['n']} dilemmas ({e['rule']}); "
+                         f"{e['pairs_with_an_action_from_the_training_split']} pairs have an action from the training "
+                         f"split, {e['accuracy_without_those']:.4f} without them")
+        else:
+            lines.append(f"evaluation on {e['data']}: " + ", ".join(f"{k} {v:.4f}" for k, v in e["metrics"].items()))
+    if report.get("evaluations"):
         lines.append("")
     lines.append("trials (greedy, on validation loss):")
     for t in report["trials"]:

@@ -42,6 +42,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # data specs (file, folder, or FORMAT:PATH); empty = the shipped sample
+    # evaluation only, never trained on: the final (crossover) model is scored on each at the end
+    # of the run (`redheart evaluate`: dilemmas:PATH for Scruples dilemmas, or any data spec)
+    eval_paths: list[str] = field(default_factory=list)
     max_records: int = 0  # use at most this many records after import (0 = all); a stable slice by id hash
     max_train_records: int = 0  # use at most this many training records (0 = all); validation is not cut
     train_frac: float = 0.8  # split fractions, by a hash of the record id

@@ -25,17 +25,33 @@ def anecdote(i: int, rng: random.Random) -> dict:
             "label_scores": {"AUTHOR": a, "OTHER": o, "EVERYBODY": 1, "NOBODY": 1, "INFO": 0}}
 
 
+def dilemma_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for k in range(n):
+        i, j = rng.sample(range(150), 2)  # ids a120..a149 are no anecdotes of the training data
+        pairs.append({"id": f"d{k}", "actions": [
+            {"id": f"a{i:03d}", "description": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))},
+            {"id": f"a{j:03d}", "description": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}],
+            "gold_label": rng.randint(0, 1), "controversial": k % 3 == 0})
+    return pairs
+
+
 @pytest.fixture(scope="module")
 def scruples_run(tmp_path_factory):
-    """A tiny model trained one epoch on 120 Scruples-format anecdotes: (run dir, data file)."""
+    """A tiny model trained one epoch on 120 Scruples-format anecdotes, scored at the end on 20
+    dilemmas (data.eval_paths): (run dir, data file, dilemmas file)."""
     root = tmp_path_factory.mktemp("scruples_run")
     rng = random.Random(0)
     data = root / "anecdotes.jsonl"
     data.write_text("".join(json.dumps(anecdote(i, rng)) + "\n" for i in range(120)))
+    dilemmas = root / "dilemmas.jsonl"
+    dilemmas.write_text("".join(json.dumps(p) + "\n" for p in dilemma_pairs(20, 7)))
     cfg = tiny_config(root / "run", train__epochs=1, train__save_every=1)
     cfg.data.paths = [f"scruples:{data}"]
+    cfg.data.eval_paths = [f"dilemmas:{dilemmas}"]
     assert run(cfg.validate()) == 0
-    return root / "run", data
+    return root / "run", data, dilemmas
 
 
 def test_dilemma_accuracy_by_hand():
@@ -58,16 +74,9 @@ def test_a_bad_dilemma_line_names_the_file_the_line_and_the_field(write_file):
 def test_evaluate_dilemmas_chooses_by_the_predicted_regret_and_counts_the_trained_anecdotes(scruples_run, write_file):
     from redheart.predict import Predictor
 
-    run_dir, _ = scruples_run
+    run_dir, _, _ = scruples_run
     ckpt = run_dir / "checkpoints_final" / "crossover_final.pth"
-    rng = random.Random(1)
-    pairs = []
-    for n in range(30):
-        i, j = rng.sample(range(150), 2)  # ids a120..a149 are no anecdotes of the training data
-        pairs.append({"id": f"d{n}", "actions": [
-            {"id": f"a{i:03d}", "description": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))},
-            {"id": f"a{j:03d}", "description": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}],
-            "gold_label": rng.randint(0, 1), "controversial": n % 3 == 0})
+    pairs = dilemma_pairs(30, 1)
     path = write_file("dilemmas.jsonl", pairs)
     proc = cli("evaluate", "--checkpoint", str(ckpt), "--data", f"dilemmas:{path}", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
@@ -88,8 +97,20 @@ def test_evaluate_dilemmas_chooses_by_the_predicted_regret_and_counts_the_traine
     assert "higher predicted regret" in got["rule"]
 
 
+def test_the_run_scores_its_final_model_on_the_evaluation_data_as_evaluate_does(scruples_run):
+    run_dir, _, dilemmas = scruples_run
+    (report,) = (run_dir / "checkpoints_final").glob("crossover_report_*.json")
+    (got,) = json.loads(report.read_text())["evaluations"]
+    proc = cli("evaluate", "--checkpoint", str(run_dir / "checkpoints_final" / "crossover_final.pth"),
+               "--data", f"dilemmas:{dilemmas}", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert got == json.loads(proc.stdout) and got["n"] == 20
+    text = next((run_dir / "checkpoints_final").glob("crossover_report_*.txt")).read_text()
+    assert f"evaluation on dilemmas:{dilemmas}: accuracy {got['accuracy']:.4f} of 20 dilemmas" in text
+
+
 def test_evaluate_on_the_test_split_gives_the_training_reports_test_metrics(scruples_run):
-    run_dir, data = scruples_run
+    run_dir, data, _ = scruples_run
     ckpt = run_dir / "checkpoints_final" / "crossover_final.pth"
     proc = cli("evaluate", "--checkpoint", str(ckpt), "--data", f"scruples:{data}", "--split", "test", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
@@ -103,7 +124,7 @@ def test_evaluate_on_the_test_split_gives_the_training_reports_test_metrics(scru
 
 
 def test_evaluate_refuses_bad_input_with_a_clear_error(scruples_run, tmp_path):
-    run_dir, _ = scruples_run
+    run_dir, _, _ = scruples_run
     ckpt = str(run_dir / "checkpoints_final" / "crossover_final.pth")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "d", "actions": [], "gold_label": 0}\n')
