@@ -433,7 +433,7 @@ def test_every_edge_value_in_every_slot(fuzz_dir, name, fmt, kind):
 # naming a field the chosen importer would not read.
 
 FORMAT_FIELDS = {  # spelled out here, not imported: the documented fields of each format
-    "canonical": {"id", "text", "emotion", "bentham", "regret", "surd", "source"},
+    "canonical": {"id", "text", "emotion", "bentham", "regret", "surd", "source", "votes"},
     "redheart": {"id", "text", "situation", "content", "input", "emotions", "bentham_scores", "regret_factor",
                  "surd", "source"},
     "scruples": {"id", "post_id", "title", "text", "action", "post_type", "label", "binarized_label",
