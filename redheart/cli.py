@@ -43,7 +43,10 @@ def common_args(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="data file or folder, or FORMAT:PATH (canonical, redheart, scruples, goemotions); repeatable")
     p.add_argument("--output-dir", default="training", help="root of all outputs (default: training)")
-    p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint, or the newest resume state")
+    p.add_argument("--resume", metavar="PATH|latest",
+                   help="continue from a checkpoint, or the newest resume state; the run keeps the settings it was "
+                        "saved with (a flag asking for another value is refused), except --epochs, --device, "
+                        "--gpus, train.parallel, train.log_every and the sweetspot.*/crossover.* settings")
     p.add_argument("--restart", action="store_true", help="start a new run even if an unfinished one is in --output-dir")
     p.add_argument("--samples", type=int, default=None, help=samples_help + " (also SAMPLES=N)")
     p.add_argument("--epochs", type=int, help="number of epochs")
@@ -327,9 +330,12 @@ def cmd_train(args, mode: str) -> int:
     data = load_data(cfg.data.paths, cfg.data.skip_bad_records)
     from redheart.run import RunOptions, train
 
-    opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given=args.epochs is not None,
+    from redheart.resume_flags import asked_settings
+
+    asked = asked_settings(args, mode, parse_samples(args))
+    opts = RunOptions(resume=args.resume, restart=args.restart, epochs_given="train.epochs" in asked,
                       debug=args.debug, verbose=args.verbose, analysis=mode != "train-local",
-                      faults=faults, mode=mode, data=data)
+                      faults=faults, mode=mode, data=data, asked=asked)
     return train(cfg, opts)
 
 

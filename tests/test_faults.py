@@ -20,6 +20,7 @@ module ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import random
@@ -285,6 +286,8 @@ def kill_three_times(out: Path, rng: random.Random) -> dict:
     time.sleep(rng.uniform(0, 0.3))
     p1.send(signal.SIGKILL)
     rc1 = p1.finish()
+    lock = out / ".redheart.lock"
+    lock_left = json.loads(lock.read_text())["pid"] if lock.is_file() else None  # the kill left its file
 
     p2 = Proc(resume_or_start(out), faults={"slow_write_s": 3})
     tmp = wait_for_temp(ck, p2)
@@ -300,7 +303,8 @@ def kill_three_times(out: Path, rng: random.Random) -> dict:
     p3.wait_for(r"saved checkpoint_epoch_0002")
     p3.send(signal.SIGKILL)
     rc3 = p3.finish()
-    return {"rcs": [rc1, rc2, rc3], "tmp": tmp, "tmp_size": tmp_size, "target_sound": target_sound, "p3": p3.text}
+    return {"rcs": [rc1, rc2, rc3], "tmp": tmp, "tmp_size": tmp_size, "target_sound": target_sound, "p3": p3.text,
+            "lock_left": lock_left, "p1_pid": p1.p.pid, "p2": p2.text}
 
 
 def interrupt_twice(out: Path, rng: random.Random) -> dict:
@@ -390,9 +394,30 @@ def oom_then_stop(d: Path, rng: random.Random) -> dict:
             "stopped": (d / "stopped", stopped.finish(), stopped.text)}
 
 
+def kill_while_registering(out: Path, rng: random.Random) -> dict:
+    """kill -9 while the first resume state's registry is half written (its write held by a
+    test hook until a file that never comes): the state itself is complete, renamed into place."""
+    ck = out / "checkpoints_final"
+    p = Proc(train_args(out), faults={"write_wait_for": {"match": "resume_states.json", "path": str(out / "never")}})
+    deadline = time.monotonic() + 300
+    while not (tmp := [t for t in temp_files(out) if t.name.startswith(".resume_states.json.tmp-")]):
+        assert p.p.poll() is None and time.monotonic() < deadline, p.text
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.2))
+    p.send(signal.SIGKILL)
+    return {"out": out, "rc": p.finish(), "text": p.text, "tmp": tmp[0], "states": sorted(ck.glob("resume_state_*"))}
+
+
+def two_runs_at_once(d: Path, rng: random.Random) -> dict:
+    """Two runs started at the same moment into one output directory (different seeds)."""
+    procs = [Proc(train_args(d, "--epochs", "1", "--seed", str(seed))) for seed in (1, 2)]
+    return {"out": d, "results": [(p.finish(), p.text, p.p.pid) for p in procs]}
+
+
 SCENARIOS = {"sigterm": stop_with_sigterm, "sigkill": kill_three_times, "sigint": interrupt_twice,
              "setup": stop_during_setup, "snapshot": corrupt_a_snapshot, "pickled": load_pickled_code,
-             "nan": nan_three_in_a_row, "oom": oom_then_stop}
+             "nan": nan_three_in_a_row, "oom": oom_then_stop, "two_runs": two_runs_at_once,
+             "registering": kill_while_registering}
 if shutil.which("timeout"):
     SCENARIOS["timeout"] = expire_timeout
 
@@ -594,6 +619,9 @@ def test_sigkill_at_random_moments_and_mid_write_then_resume_equals_the_straight
     assert res["tmp_size"], "the kill inside a write leaves a partial file, under its temporary name only"
     assert res["target_sound"]
     assert f"removed 1 temporary file(s) left by an interrupted write: {res['tmp'].name}" in res["p3"]
+    # the output directory's lock: the killed process's file stayed, naming it, and blocked no one
+    assert res["lock_left"] == res["p1_pid"]
+    assert "in use by another run" not in res["p2"] + res["p3"]
     assert read_registry(out) and resume_here(out) == 0
     assert_same_final_state(reference.state(), newest_state(out))
     assert_files_sound(out)
@@ -650,6 +678,89 @@ def test_a_signal_before_training_begins_stops_at_once_with_nothing_to_resume(sc
     assert "stopped by SIGTERM before training began" in res["text"]
     assert "nothing to resume: no training state was saved yet; run the command again" in res["text"]
     assert "Traceback" not in res["text"]
+
+
+def test_a_kill_while_registering_the_first_state_strands_nothing(scenario, reference, one_thread):
+    """The complete state the registry does not list is found by --resume latest (its checksum
+    from the side file written before the rename), a new run without --restart is refused
+    because of it, and it is adopted into the registry; the resumed run ends as the straight one."""
+    from redheart.run import UsageError
+
+    FIGURES["scenarios"] += 1
+    res = scenario["registering"].result()
+    out, ck = res["out"], res["out"] / "checkpoints_final"
+    assert res["rc"] == -signal.SIGKILL, res["text"]
+    FIGURES["kills survived"] += 1
+    state = res["states"][0]
+    assert [p.name for p in res["states"]] == [state.name, state.name + ".json"]  # the state and its side file
+    assert state.name.endswith(f"_step{STEPS_PER_EPOCH:08d}.pt") and not (ck / "resume_states.json").exists()
+    side = json.loads((ck / (state.name + ".json")).read_text())
+    assert side["sha256"] == ckio.sha256_file(state) and side["global_step"] == STEPS_PER_EPOCH
+
+    found, entry = find_resume_state(out)  # what --resume latest loads, with no registry
+    assert Path(entry["path"]) == state and entry["sha256"] == side["sha256"] and found["global_step"] == STEPS_PER_EPOCH
+    said: list[logging.LogRecord] = []
+    catch = logging.Handler()
+    catch.emit = said.append
+    logging.getLogger("redheart").addHandler(catch)
+    try:
+        with pytest.raises(UsageError, match=rf"holds an unfinished run \(\S+, epoch 1, step {STEPS_PER_EPOCH}\)\. "
+                                             rf"Continue it with --resume latest, start anew with --restart"):
+            run(tiny_config(out, **IN_PROCESS), analysis=False)
+    finally:
+        logging.getLogger("redheart").removeHandler(catch)
+    assert any(f"found {state.name} (run " in r.getMessage() and "it is complete and now registered" in r.getMessage()
+               for r in said), [r.getMessage() for r in said]
+    assert [(Path(e["path"]), e["sha256"]) for e in read_registry(out)] == [(state, side["sha256"])]  # adopted
+    assert not (ck / (state.name + ".json")).exists()
+    assert resume_here(out) == 0
+    log = read_log(out)
+    assert f"removed 1 temporary file(s) left by an interrupted write: {res['tmp'].name}" in log
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_unregistered_states_that_are_not_sound_are_set_aside_and_stale_side_files_removed(stopped, tmp_path):
+    """Orphans that do not verify (a checksum that does not match its side file; cut short,
+    without one) are renamed .corrupt instead of adopted; side files whose state never came
+    or is registered are removed."""
+    from redheart.ckpt.state import adopt_orphans, sidecar_path
+
+    FIGURES["scenarios"] += 1
+    out = copy_run(stopped["out"], tmp_path / "run")
+    ck = out / "checkpoints_final"
+    first, newest = (Path(e["path"]) for e in read_registry(out))
+    (ck / "resume_states.json").write_text(json.dumps([read_registry(out)[0]]))  # the newest unregistered
+    sidecar_path(newest).write_text(json.dumps({"sha256": "0" * 64, "global_step": 1}))
+    cut = ck / "resume_state_other_step00000003.pt"
+    cut.write_bytes(first.read_bytes()[:5000])
+    sidecar_path(ck / "resume_state_gone_step00000001.pt").write_text("{}")
+    sidecar_path(first).write_text("{}")
+    FIGURES["corruptions caught"] += 2
+    assert adopt_orphans(out) == []
+    assert [Path(e["path"]) for e in read_registry(out)] == [first]
+    assert sorted(p.name for p in ck.glob("resume_state_*")) == sorted(
+        [first.name, newest.name + ".corrupt", cut.name + ".corrupt"])
+
+
+def test_two_runs_at_once_in_one_directory_one_trains_the_other_is_refused(scenario):
+    """The second run while one is live is refused at once (exit 2), naming the live one; the
+    first trains to the end, alone in the directory."""
+    FIGURES["scenarios"] += 1
+    res = scenario["two_runs"].result()
+    (rc_a, text_a, pid_a), (rc_b, text_b, pid_b) = res["results"]
+    assert sorted([rc_a, rc_b]) == [0, 2], text_a + text_b
+    (won, won_pid), (lost, _) = ((text_a, pid_a), (text_b, pid_b)) if rc_a == 0 else ((text_b, pid_b), (text_a, pid_a))
+    FIGURES["concurrent runs refused"] += 1
+    assert re.search(rf"^error: {re.escape(str(res['out']))} is in use by another run: pid {won_pid} \(redheart "
+                     rf"unified-train .+\)\. Two runs in one output directory would overwrite each other's "
+                     rf"checkpoints\. Wait for it to end, stop it \(kill -TERM {won_pid}: .+\), or give this run "
+                     rf"another --output-dir$", lost, re.M), lost
+    assert "Traceback" not in lost and "training run" not in lost  # refused before it began
+    assert re.search(r"Run \d{8}_\d{6} finished: 1 epochs", won), won
+    assert len(list((res["out"] / "logs").glob("training_*.log"))) == 1
+    assert not (res["out"] / ".redheart.lock").exists()  # a run that ends removes it
+    assert_files_sound(res["out"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import shutil
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ def set_faults(faults: dict[str, Any]) -> None:
     writes of files whose name contains NAME-PART, after the first K of them, fail with ENOSPC
     once N bytes are written; {"slow_write_s": S} pauses S seconds inside each checkpoint write,
     its temporary file half written; {"write_wait_for": {"match": "NAME-PART", "path": P}} pauses
-    the writes of files whose name contains NAME-PART, half written, until the file P exists
-    (at most 120 s)."""
+    the writes of files whose name contains NAME-PART (checkpoints and text files), half written,
+    until the file P exists (at most 120 s)."""
     _faults.clear()
     _faults.update({k: v for k, v in faults.items() if k in ("write_error", "slow_write_s", "write_wait_for")})
     if _faults:
@@ -57,6 +58,12 @@ def _byte_limit(path: Path) -> int | None:
         return None
     _faults["matched"] += 1
     return int(spec.get("after_bytes", 0)) if _faults["matched"] > int(spec.get("skip", 0)) else None
+
+
+def _wait_for(path: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _no_space(path: Path) -> OSError:
@@ -90,9 +97,7 @@ class _HashingWriter(io.RawIOBase):
                 if wait and not self.paused and self.size > 0 and wait["match"] in self.path.name:
                     self.paused = True
                     self.f.flush()
-                    deadline = time.monotonic() + 120
-                    while not os.path.exists(wait["path"]) and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    _wait_for(wait["path"])
             n = self.f.write(b)
         except OSError as exc:
             self.error = exc
@@ -145,8 +150,10 @@ def _without_zip_crc():
         return contextlib.nullcontext()
 
 
-def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
-    """Write `obj` with torch.save atomically; returns {"sha256", "size"}.
+def atomic_save(obj: Any, path: Path, before_rename: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Write `obj` with torch.save atomically; returns {"sha256", "size"}. `before_rename` is
+    called with them once the file is complete under its temporary name (a failure there is
+    one of the write).
 
     On any failure (full disk, write error) the temporary file is removed and the previous
     file at `path`, if any, is left untouched.
@@ -166,10 +173,14 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
                 torch.save(obj, w)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename({"sha256": w.sha.hexdigest(), "size": w.size})
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, CheckpointError):
+            raise
         if isinstance(exc, (OSError, RuntimeError)):
             cause = w.error if w is not None and w.error is not None else exc
             raise CheckpointError(f"could not write {path}: {cause}") from exc
@@ -193,6 +204,11 @@ def atomic_write_text(text: str, path: Path) -> None:
             if limit is not None and len(data) > limit:
                 f.write(data[:limit])
                 raise _no_space(path)
+            if _faults.get("write_wait_for") and _faults["write_wait_for"]["match"] in path.name:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                _wait_for(_faults["write_wait_for"]["path"])
+                data = data[len(data) // 2:]
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -252,6 +268,7 @@ def load(path: str | Path, expected_sha256: str | None = None, mmap: bool = Fals
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}")
+    _check_kind_of_file(path)
     if expected_sha256 is not None:
         actual = sha256_file(path)
         if actual != expected_sha256:
@@ -276,6 +293,40 @@ def load(path: str | Path, expected_sha256: str | None = None, mmap: bool = Fals
     if not isinstance(obj, dict) or "model_state" not in obj:
         raise CheckpointError(f"{path} is not a Red Heart checkpoint (no model_state)")
     return obj
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (a zip archive)
+PICKLE_PROTO = 0x80  # the first byte of a pickle of protocol 2 or later: torch.save's legacy format
+
+
+def _check_kind_of_file(path: Path) -> None:
+    """Refuse, naming what it is, a file that no version of torch.save wrote: a text file, a
+    safetensors file, anything else. Only a zip archive or a pickle reaches torch.load (whose
+    weights-only refusal of a pickle says `could run code`, wrong for a text file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+    if head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO]):
+        return
+    if not head:
+        raise CheckpointError(f"{path} is empty: not a checkpoint")
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        raise CheckpointError(f"{path} is a safetensors file (weights only, no config), not a checkpoint of this "
+                              f"system: give the .pth (or .pt) file of the same name")
+    try:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as exc:  # a character cut by the 64 bytes read
+            if len(head) < 64 or exc.start < len(head) - 3:
+                raise
+            text = head[:exc.start].decode("utf-8")
+        what = f"a text file beginning {text.strip()[:40]!r}" if text.strip() else "a text file of blanks"
+    except UnicodeDecodeError:
+        what = f"a file of unknown kind (its first bytes: {head[:12].hex(' ')})"
+    raise CheckpointError(f"{path} is not a checkpoint: {what}, where a checkpoint is a file written by this "
+                          f"system (a zip archive of tensors: .pt/.pth)")
 
 
 def _what_pickled(message: str) -> str:

@@ -171,13 +171,122 @@ def write_registry(root: Path, entries: list[dict[str, Any]]) -> None:
     atomic_write_text(json.dumps(entries, indent=2) + "\n", registry_path(root))
 
 
+# ---------------------------------------------------------------------------------------
+# Resume states on disk that the registry does not list
+#
+# A resume state is written as: the file under a temporary name (fsynced), then its registry
+# entry beside it as `NAME.json` (with its checksum), then the rename to NAME, then the
+# registry, then the side file goes. A kill between the rename and the registry leaves a
+# complete state that the registry does not list: an orphan, found by scanning the folder and
+# verified by the checksum of its side file (or, written without one, by loading it).
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """`resume_state_..._stepN.pt.json`: a state's registry entry, while it is not yet registered."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def orphan_entries(root: Path, registered: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Entries for the resume states in the folder that `registered` (the registry) does not
+    list, oldest first: from each one's side file (its checksum), or, without one, with the
+    checksum None (`load` then checks only that it reads). Not verified here."""
+    folder = Path(root) / "checkpoints_final"
+    listed = {Path(e["path"]).name for e in (read_registry(root) if registered is None else registered)}
+    found = []
+    for p in folder.glob("resume_state_*.pt"):
+        m = _RESUME_RE.match(p.name)
+        if not m or p.name in listed:
+            continue
+        entry: dict[str, Any] = {"run_id": m.group(1), "global_step": int(m.group(2)), "sha256": None,
+                                 "finished": False, "timestamp": ""}
+        try:
+            side = json.loads(sidecar_path(p).read_text(encoding="utf-8"))
+            if isinstance(side, dict) and isinstance(side.get("sha256"), str):
+                entry.update({k: v for k, v in side.items() if k != "path"})
+        except (OSError, ValueError):
+            pass
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:
+            continue
+        found.append((mtime, entry["global_step"], {**entry, "path": str(p), "orphan": True}))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [e for _, _, e in found]
+
+
+def _mtime(entry: dict[str, Any]) -> float:
+    try:
+        return Path(entry["path"]).stat().st_mtime
+    except OSError:
+        return float("-inf")
+
+
+def with_orphans(entries: list[dict[str, Any]], orphans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The registry's entries and the orphans in one list, oldest first: an orphan newer than
+    every registered file (the case of a kill before the registry write) comes last."""
+    newest = max((_mtime(e) for e in entries), default=float("-inf"))
+    older = [o for o in orphans if _mtime(o) <= newest]
+    return older + entries + [o for o in orphans if o not in older]
+
+
+def adopt_orphans(root: Path) -> list[dict[str, Any]]:
+    """Register every complete resume state the registry does not list (its checksum matching
+    its side file, or, without one, it loads as a resume state); set aside those that are not
+    sound (`NAME.corrupt`); remove side files left without their state or after registration.
+    For the process that holds the output directory's lock. Returns the entries adopted."""
+    folder = Path(root) / "checkpoints_final"
+    if not folder.is_dir():
+        return []
+    registered = read_registry(root)
+    orphans = orphan_entries(root, registered)
+    for side in folder.glob("resume_state_*.pt.json"):  # a state registered, or never renamed into place
+        if not side.with_name(side.name[:-len(".json")]).is_file() or \
+                side.name[:-len(".json")] in {Path(e["path"]).name for e in registered}:
+            side.unlink(missing_ok=True)
+    if not orphans:
+        return []
+    adopted, bad = [], []
+    for entry in orphans:
+        try:
+            ckpt = load(entry["path"], entry.get("sha256"), mmap=True)
+            if ckpt.get("kind") != "resume":
+                raise CheckpointError(f"{entry['path']} is not a resume state")
+        except CheckpointError as exc:
+            log.error("an unregistered resume state is not sound: %s", exc)
+            bad.append(entry)
+            continue
+        if entry.get("sha256") is None:  # written without a side file: its checksum from now on
+            from redheart.ckpt.io import sha256_file
+
+            entry.update({"sha256": sha256_file(entry["path"]), **{
+                k: ckpt.get(k) for k in ("run_id", "epoch", "step_in_epoch", "global_step", "finished")}})
+        entry.pop("orphan", None)
+        entry.setdefault("size_bytes", Path(entry["path"]).stat().st_size)
+        adopted.append(entry)
+        log.warning("found %s (run %s, global step %s) on disk but not in %s, as a run killed while registering "
+                    "it leaves it: it is complete and now registered", Path(entry["path"]).name, entry.get("run_id"),
+                    entry.get("global_step"), registry_path(root).name)
+    if adopted:
+        write_registry(root, with_orphans(registered, adopted))
+        for e in adopted:
+            sidecar_path(e["path"]).unlink(missing_ok=True)
+    if bad:
+        set_aside(root, bad)
+        for e in bad:
+            sidecar_path(e["path"]).unlink(missing_ok=True)
+    return adopted
+
+
 def find_resume_state(root: Path, skipped: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The newest resume state whose checksum matches; corrupted or missing ones are reported by
-    name and skipped for the previous one (and appended to `skipped`).
+    """The newest resume state whose checksum matches, the registry's or one on disk that it
+    does not list (`orphan_entries`); corrupted or missing ones are reported by name and
+    skipped for the previous one (and appended to `skipped`).
 
     Returns (checkpoint, registry entry). Raises CheckpointError when none is usable.
     """
-    entries = read_registry(root)
+    registered = read_registry(root)
+    entries = with_orphans(registered, orphan_entries(root, registered))
     if not entries:
         raise CheckpointError(f"no resume state in {Path(root) / 'checkpoints_final'}: nothing to resume "
                               f"(start the run without --resume)")

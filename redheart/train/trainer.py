@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_map_only
 from redheart.ckpt import io as ckio
 from redheart.ckpt.retention import select_deletions
 from redheart.ckpt.sweetspot import pinned_epochs
-from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, restore_rng, write_registry
+from redheart.ckpt.state import (RunPaths, capture_rng, iso_now, read_registry, restore_rng, sidecar_path,
+                                 write_registry)
 from redheart.config import Config, ConfigError
 from redheart.data.dataset import epoch_plan, micro_batches, shares
 from redheart.data.features import FeatureSource, to_device
@@ -1142,30 +1143,38 @@ class Trainer:
         """Write and register `state`; reads nothing of the trainer that training changes (a
         background write runs while it does)."""
         path = self.paths.resume_path(state["global_step"])
+        entry = {"path": str(path), "run_id": self.paths.run_id,
+                 **{k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "finished")}}
+
+        def side_file(info: dict[str, Any]) -> None:  # the entry beside the file until it is registered
+            entry.update({"sha256": info["sha256"], "size_bytes": info["size"], "timestamp": iso_now()})
+            ckio.atomic_write_text(json.dumps({**entry, "path": path.name}) + "\n", sidecar_path(path))
+
         try:
-            info = ckio.atomic_save(state, path)
+            ckio.atomic_save(state, path, before_rename=side_file)
         except ckio.CheckpointError as exc:
+            sidecar_path(path).unlink(missing_ok=True)
             log.error("resume state not saved (the previous one is kept): %s", exc)
             return None
         entries = [e for e in read_registry(self.paths.root) if e["path"] != str(path) and Path(e["path"]).is_file()]
-        entries.append({"path": str(path), "sha256": info["sha256"], "size_bytes": info["size"],
-                        "run_id": self.paths.run_id, **{k: state[k] for k in ("epoch", "step_in_epoch", "global_step",
-                                                                             "finished")},
-                        "timestamp": iso_now()})
+        entries.append(entry)
         keep = self.cfg.train.resume_states_kept
         old, entries = entries[:-keep], entries[-keep:]
         try:
             write_registry(self.paths.root, entries)
-        except ckio.CheckpointError as exc:  # unregistered, its checksum is nowhere: never use it
+        except ckio.CheckpointError as exc:  # unregistered: the next run would adopt it, but this one goes on
             log.error("resume state not saved (the previous one is kept): %s", exc)
             path.unlink(missing_ok=True)
+            sidecar_path(path).unlink(missing_ok=True)
             return None
+        sidecar_path(path).unlink(missing_ok=True)
         listed = {e["path"] for e in entries}
         # the states dropped from the list, and this run's states a kill left unregistered
         orphans = [str(p) for p in self.paths.checkpoints.glob(f"resume_state_{self.paths.run_id}_step*.pt")]
         for p in {e["path"] for e in old} | set(orphans):
             if p not in listed:
                 Path(p).unlink(missing_ok=True)
+                sidecar_path(p).unlink(missing_ok=True)
         return str(path)
 
     def restore(self, state: dict[str, Any]) -> None:
