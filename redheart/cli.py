@@ -317,6 +317,9 @@ def checked_config(args, mode: str) -> tuple[Config, str]:
     chosen = choose_preset(args, mode)
     cfg = make_config(args, mode, chosen)
     check_resume_path(args.resume)
+    from redheart.feasibility import check_cpu_preset
+
+    check_cpu_preset(args, mode, cfg, _gpu_available)  # 730m without a GPU: refused, unless asked for
     return cfg, chosen
 
 

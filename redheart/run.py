@@ -198,9 +198,10 @@ def recorded_sha256(path: Path) -> str | None:
     return None
 
 
-def install_signal_handlers(stop: StopFlag, training: Callable[[], bool]) -> None:
-    """First SIGTERM/SIGINT while training: finish the current optimizer step, save a resumable
-    state, exit 75. Before training has begun (setup, LR sweep) nothing new would be saved, so it
+def install_signal_handlers(stop: StopFlag, training: Callable[[], bool], between_micro_batches: bool = True) -> None:
+    """First SIGTERM/SIGINT while training: stop before the next micro-batch (one process: the
+    step under way is left and redone on resume) or after the current optimizer step (several
+    ranks stop together), save a resumable state, exit 75. Before training has begun (setup, LR sweep) nothing new would be saved, so it
     stops at once, also with 75. A second signal ends the process at once, unless it comes within
     REPEAT_GRACE_S of the first: GNU `timeout` sends its signal twice (to the child, then to its
     process group), and that must not turn a clean stop into a kill."""
@@ -220,8 +221,12 @@ def install_signal_handlers(stop: StopFlag, training: Callable[[], bool]) -> Non
         stop.signal_name = name
         if not training():
             raise StopBeforeTraining(name)
-        log.warning("%s received: stopping after the current optimizer step with a resumable state "
-                    "(send it again to stop at once)", name)
+        if between_micro_batches:
+            log.warning("%s received: stopping before the next micro-batch, with a resumable state as of the last "
+                        "completed optimizer step (send it again to stop at once)", name)
+        else:
+            log.warning("%s received: stopping after the current optimizer step with a resumable state "
+                        "(send it again to stop at once)", name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -417,7 +422,7 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
         clean_leftovers(paths)
     stop = StopFlag()
     training = [False]
-    install_signal_handlers(stop, lambda: training[0])
+    install_signal_handlers(stop, lambda: training[0], between_micro_batches=not world.active)
     trainer = tb = None
     try:
         if state is None and world.main:

@@ -127,6 +127,23 @@ def test_the_safetensors_copy_given_as_a_checkpoint_points_to_the_pth(tiny_run, 
     assert f"{st} is a safetensors file (weights only, no config), not a checkpoint of this system" in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default preset is refused only without a GPU")
+def test_unified_train_without_a_gpu_refuses_the_default_730m_with_the_estimate_and_what_to_do(tmp_path, capsys):
+    """`bash run_learning.sh unified-train --epochs 30` on a CPU machine: not 730m picked without
+    a word (a first step of many minutes, deaf to SIGTERM), but a refusal with the estimate."""
+    rc = main(["unified-train", "--epochs", "30", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    FIGURES["bad inputs refused"] += 1
+    (line,) = _error_lines(err)
+    assert re.fullmatch(r"error: unified-train without a GPU: its default preset 730m \(730M parameters\) needs an "
+                        r"estimated \d+\.\d GiB of memory \(this machine has \d+\.\d GiB\) and about \d+ (min|h|days) per "
+                        r"optimizer step of 64 texts on this CPU \(\d+ GFLOP/s measured\), [\d.]+ (min|h|days) for \d+ steps "
+                        r"\(30 epochs of this data\)\. Train it on a machine with a GPU; or give --preset tiny for a run "
+                        r"this CPU finishes in minutes; or --preset 730m to train it here all the same \(.+\)", line), line
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The property: random argv over the training flags, random files as --resume
 

@@ -20,6 +20,15 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if "config" not in ckpt:
         raise ckio.CheckpointError(f"{path} carries no config: cannot rebuild the model")
     cfg = Config.from_dict(ckpt["config"])
+    if ckpt.get("weights") == "initial":  # a resume state saved before its first step keeps no weights
+        from redheart.train.trainer import rebuild_initial_weights
+
+        torch.manual_seed(int(ckpt["initial_weights"]["seed"]))
+        model = RedHeartNet(cfg.model)
+        rebuilt = rebuild_initial_weights(cfg, ckpt["initial_weights"], model)
+        if rebuilt is not None:
+            model.load_state_dict(rebuilt)
+        return model.to(device).eval(), cfg, ckpt
     model = RedHeartNet(cfg.model)
     if weights == "ema":
         if not ckpt.get("ema"):

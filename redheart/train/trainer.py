@@ -64,6 +64,13 @@ class TrainingStopped(Exception):
 class StopFlag:
     requested: bool = False
     signal_name: str = ""
+    write_failure: Exception | None = None  # the first failed write (`ckio.report_write_failure`), if one stopped it
+
+
+class StepAbandoned(Exception):
+    """A stop request met between the micro-batches of an optimizer step: the step's partial
+    gradients are dropped and the RNG streams put back as they were before it (`accumulate`),
+    so the state saved is that of the last completed step and a resume redoes this one exactly."""
 
 
 @dataclass
@@ -357,6 +364,38 @@ def validation(model: torch.nn.Module, source: FeatureSource, cfg: Config, dtype
     return head_metrics(pred, tgt, cfg.train.head_weights), collapsed_heads(pred, tgt)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> dict[str, int]:
+    """Per tensor, the integer sum of its bits (as 32-bit words): the same for the same weights
+    whatever the order of the sum, different for other initial weights (another PyTorch, device
+    or config); read on `restore` of a state that keeps no weights."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().flatten()
+        words = t.view(torch.int32) if t.element_size() == 4 else t.view(torch.uint8)
+        out[name] = int(words.sum(dtype=torch.int64))
+    return out
+
+
+def rebuild_initial_weights(cfg: Config, init: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The seed's initial weights of a state saved before its first step: None when `model`
+    holds them (its fingerprint matches: the trainer was built the same way), else rebuilt on
+    the device type they were made on (the CPU); CheckpointError if neither gives them."""
+    want = {k: int(v) for k, v in init["fingerprint"].items()}
+    if weights_fingerprint(model) == want:
+        return None
+    if init.get("device") == "cpu":
+        torch.manual_seed(int(init["seed"]))
+        with torch.device("cpu"):
+            rebuilt = RedHeartNet(cfg.model)
+        torch.manual_seed(cfg.train.seed + 1)  # as the trainer leaves it (restore then sets the saved streams)
+        if weights_fingerprint(rebuilt) == want:
+            return rebuilt.state_dict()
+    raise ckio.CheckpointError(
+        f"this resume state was saved before its first optimizer step, and keeps no weights: they are the "
+        f"initial weights of seed {init['seed']} on {init.get('device')}, which this machine does not rebuild the "
+        f"same (another PyTorch version or device); start anew with --restart")
+
+
 class Trainer:
     def __init__(self, cfg: Config, paths: RunPaths, data: DataBundle, features: dict[str, FeatureSource],
                  device: torch.device, stop: StopFlag | None = None, faults: dict[str, Any] | None = None,
@@ -459,6 +498,14 @@ class Trainer:
         self.finished = False
         self._epoch_t0 = time.time()
         self._stop_agreed = False  # any rank asked to stop, as of the last step read (`_read_summed`)
+        # whether a stop request ends a step between its micro-batches (`StepAbandoned`): in
+        # training proper, by one process (several ranks stop together, after a step)
+        self.abandonable = False
+        # the weights are still those the seed gave (a state of global step 0 then keeps none)
+        self.initial_weights = True
+        self._in_step = False  # inside a training step's forward and backward (`_accumulate`)
+        if device.type == "cpu" and not cfg.train.compile:
+            self._check_stop_per_layer()
         # epoch-end resume states written from a thread (train.async_save)
         self.async_save = cfg.train.async_save == "on" or (cfg.train.async_save == "auto" and device.type == "cuda")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="redheart-save")  # a thread once used
@@ -471,6 +518,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
+    def _stop_requested_by_test(self, *_) -> None:
+        self.stop.requested, self.stop.signal_name = True, "a test's stop request"
+
+    def _check_stop_per_layer(self) -> None:
+        """On the CPU a micro-batch of a large preset takes a minute (730m on two cores): a stop
+        request is also met in its forward and backward, at every Transformer layer (a forward
+        hook, and a gradient hook on the layer's output), where it leaves the step as between
+        micro-batches (`StepAbandoned`). The hooks read a flag; they change no number."""
+
+        def check(*_):
+            if self._in_step and self.abandonable and self.stop.requested:
+                raise StepAbandoned()
+
+        def after_layer(_module, _args, out):
+            check()
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(check)
+
+        for m in self.model.modules():
+            if isinstance(m, Block):
+                m.register_forward_hook(after_layer)
+
     def accumulate(self, step: list[int]) -> dict[str, torch.Tensor]:
         """Forward and backward over one optimizer step's samples (this rank's share), cut into
         micro-batches; OOM errors are retried with a smaller micro-batch on the same samples."""
@@ -479,7 +548,7 @@ class Trainer:
         lengths = self.train_data.lengths
         every = self._shares(step)  # every rank's, so FSDP knows the busiest
         mine = every[self.world.rank]
-        rng = capture_rng() if self.device.type == "cuda" or self.faults else None
+        rng = capture_rng()  # for a retry after an OOM and for a step abandoned by a stop request
         attempt = 0
         while True:
             try:
@@ -490,12 +559,19 @@ class Trainer:
                     busiest = max(len(micro_batches(p, lengths, self.micro_batch, self.micro_batch_tokens))
                                   for p in every)
                     mbs += [step[:1]] * (busiest - own)
-                return self._accumulate(mbs, own, counts, attempt)
+                self._in_step = True
+                try:
+                    return self._accumulate(mbs, own, counts, attempt)
+                finally:
+                    self._in_step = False
             except torch.OutOfMemoryError as exc:
                 attempt += 1
                 self._recover_from_oom(exc, attempt)
-                if rng is not None:
-                    restore_rng(rng)
+                restore_rng(rng)
+            except StepAbandoned:
+                self.zero_grad()
+                restore_rng(rng)
+                raise
 
     def _shares(self, step: list[int]) -> list[list[int]]:
         """Every rank's samples of the step (`shares`): the step cut into micro-batches of the
@@ -532,6 +608,11 @@ class Trainer:
         if self.ready is not None:  # nothing of this step's backward marked yet
             self.ready.begin(mark=False)
         for n, mb in enumerate(mbs):
+            if self.abandonable:  # a stop request is honoured here, within a micro-batch's time
+                if self.faults.get("stop_at_micro_batch") == [self.global_step + 1, n]:  # REDHEART_FAULTS
+                    self._stop_requested_by_test()
+                if self.stop.requested:
+                    raise StepAbandoned()
             if self.faults.get("oom_at_step") == self.global_step and attempt < self.faults.get("oom_attempts", 1):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
             lens = [int(lengths[i]) for i in mb]
@@ -558,6 +639,8 @@ class Trainer:
                     if n >= own:
                         (loss * 0.0).backward()
                         continue
+                    if self.faults.get("stop_in_backward") == [self.global_step + 1, n]:  # REDHEART_FAULTS
+                        loss.register_hook(self._stop_requested_by_test)
                     loss.backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
@@ -829,9 +912,12 @@ class Trainer:
         except BaseException:
             self.wait_for_save(collective=False)  # a background write completes before the error goes on
             raise
+        finally:
+            self.abandonable = False
 
     def _fit(self, progress=None) -> list[dict[str, Any]]:
         cfg = self.cfg
+        self.abandonable = not self.world.active
         while self.epoch < cfg.train.epochs:
             epoch = self.epoch + 1
             plan = epoch_plan(self.train_data.lengths, cfg.effective_batch, cfg.train.seed, epoch,
@@ -843,10 +929,16 @@ class Trainer:
             for i in range(self.step_in_epoch, len(plan)):
                 step = plan[i]
                 self.model.train()
-                if self.global_step + 1 == cfg.train.profile_step:
-                    parts, applied = self._profiled_step(step)
-                else:
-                    parts, applied = self._train_step(step)
+                try:
+                    if self.global_step + 1 == cfg.train.profile_step:
+                        parts, applied = self._profiled_step(step)
+                    else:
+                        parts, applied = self._train_step(step)
+                except StepAbandoned:
+                    path = self.save_resume_state()
+                    raise TrainingStopped(f"stopped by {self.stop.signal_name} after step {self.global_step} (epoch "
+                                          f"{epoch}, step {self.step_in_epoch}/{len(plan)}); step {self.global_step + 1}, "
+                                          f"left midway, is redone on resume", path, code=75) from None
                 self.global_step += 1
                 self.step_in_epoch = i + 1
                 self.epoch_stats.samples += len(step)
@@ -1008,6 +1100,7 @@ class Trainer:
         starts anew from them, and the swap manager's CPU master weights follow them."""
         like = self.model.state_dict()
         self.model.load_state_dict({k: shard_like(v, like.get(k, v)) for k, v in weights.items()})
+        self.initial_weights = False
         if isinstance(self.optimizer, SwapAdamW):
             self.optimizer.sync_from_model()
         if self.ema is not None:
@@ -1084,13 +1177,25 @@ class Trainer:
         processes. Under FSDP every rank must call it; rank 0's alone is whole."""
         self.settle()
         rngs = rngs or [capture_rng()]
+        # Before the first optimizer step the weights are the seed's (and the EMA theirs, AdamW's
+        # moments not yet made): the state keeps their fingerprint instead of them, so that a stop
+        # then (the first 730m step on a CPU takes many minutes) saves in moments, not in minutes
+        # of writing gigabytes; `restore` rebuilds them.
+        initial = (self.global_step == 0 and self.initial_weights and not self.swap and not self.fsdp
+                   and not self.optimizer.state)
+        ema = None
+        if self.ema is not None:
+            ema = ({"shadow": {}, "num_updates": 0, "decay": self.ema.decay, "warmup": self.ema.warmup} if initial
+                   else gathered(self.ema.state_dict(), self.world))
+        extra = {"weights": "initial", "initial_weights": {"seed": self.cfg.train.seed, "device": self.device.type,
+                                                           "fingerprint": weights_fingerprint(self.model)}} if initial else {}
         return {
             "kind": "resume", "format": ckio.FORMAT_VERSION, "run_id": self.paths.run_id,
             "config": self.cfg.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "micro_batch": self.micro_batch, "lr": self.lr,
-            "model_state": self.model_state(),
+            "model_state": {} if initial else self.model_state(), **extra,
             "optimizer": gathered(self.optimizer.state_dict(), self.world), "scheduler": self.scheduler.state_dict(),
-            "ema": gathered(self.ema.state_dict(), self.world) if self.ema is not None else None,
+            "ema": ema,
             "rng": rngs[0], "rng_ranks": rngs, "history": self.history, "epoch_stats": self.epoch_stats.state(),
             "bad_steps_total": self.bad_steps_total, "bad_steps_in_row": self.bad_steps_in_row,
             "oom_events": self.oom_events, "sweep": self.sweep_result, "finished": self.finished,
@@ -1179,7 +1284,14 @@ class Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue exactly from a resume state (every rank holds it whole)."""
-        self.load_weights(state["model_state"])
+        initial = state.get("weights") == "initial"
+        if initial:  # a state of global step 0: the seed's weights, as this trainer built them (`resume_state`)
+            rebuilt = rebuild_initial_weights(self.cfg, state["initial_weights"], self.model)
+            if rebuilt is not None:
+                self.load_weights(rebuilt)
+            self.initial_weights = True
+        else:
+            self.load_weights(state["model_state"])
         oom_events = list(state["oom_events"])
         if not self.swap and not self.fsdp and \
                 any(str(e.get("action", "")).startswith("Dynamic Swap Manager") for e in oom_events):
@@ -1189,7 +1301,8 @@ class Trainer:
         if self.ema is not None:
             if state["ema"] is None:
                 raise ckio.CheckpointError("the resume state has no EMA but the config has tech.ema_decay > 0")
-            self.ema.load_state_dict(state["ema"])
+            if not initial:  # (the EMA of the initial weights is those weights: load_weights reset it)
+                self.ema.load_state_dict(state["ema"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.micro_batch = int(state["micro_batch"])
