@@ -151,7 +151,7 @@ class TechniqueConfig:
     # of the sigmoid, whose gradient vanishes where the sigmoid saturates: a head can die)
     value_loss: str = "bce"
     # weigh each record's regret and Bentham loss by the votes its shares come from (Scruples):
-    # n / (1 + (n - 1) * vote_overdispersion), normalised to mean 1 (losses.vote_weights); on the
+    # n / (1 + (n - 1) * vote_overdispersion), normalised to mean 1 (data/dataset.py vote_weights); on the
     # public corpus (median 7 votes) a share of 2 votes then counts 0.39x, of 7 0.93x, of 40 1.73x
     vote_weighting: bool = True
     vote_overdispersion: float = 0.1  # the beta-binomial intra-post correlation: 1 = every record alike

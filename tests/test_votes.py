@@ -9,7 +9,8 @@ import torch
 
 from redheart.data.importers import load_records
 from redheart.data.schema import DataError
-from redheart.train.losses import task_loss, vote_weights
+from redheart.data.dataset import vote_weights
+from redheart.train.losses import task_loss
 
 
 def test_the_scruples_importer_keeps_the_non_info_votes(write_file):

@@ -50,6 +50,22 @@ def take_slice(records: list[Record], n: int) -> list[Record]:
     return [r for i, r in enumerate(records) if i in chosen]
 
 
+def vote_weights(votes: torch.Tensor, overdispersion: float) -> torch.Tensor:
+    """Per-record weight of the regret and Bentham losses from the number of votes each share
+    comes from (0: not a vote share, weight 1). A share of n votes is n Bernoulli outcomes: its
+    binomial log-likelihood is n times the binary cross-entropy, but posts' shares vary more than
+    a binomial says (a beta-binomial with intra-post correlation rho), which caps what n votes
+    are worth at n / (1 + (n - 1) rho). Divided by its mean over the records with votes, so the
+    loss keeps its scale; overdispersion 1 weighs every record alike."""
+    w = torch.ones_like(votes, dtype=torch.float32)
+    has = votes > 0
+    if has.any():
+        n = votes[has].float()
+        info = n / (1 + (n - 1) * overdispersion)
+        w[has] = info / info.mean()
+    return w
+
+
 class TaskData:
     """One split as tensors: token ids and lengths, targets with their masks."""
 

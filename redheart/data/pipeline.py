@@ -5,11 +5,10 @@ import logging
 from dataclasses import dataclass
 
 from redheart.config import HEADS, Config
-from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice
+from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice, vote_weights
 from redheart.data.importers import LoadedData, LoadReport, data_specs, load_data
 from redheart.data.schema import DataError
 from redheart.model.encoder import DEFAULT_ENCODER, Tokenizer
-from redheart.train.losses import vote_weights
 
 log = logging.getLogger("redheart")
 

@@ -40,27 +40,11 @@ def value_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce") ->
     return (torch.sigmoid(logits.float()) - target).pow(2)
 
 
-def vote_weights(votes: torch.Tensor, overdispersion: float) -> torch.Tensor:
-    """Per-record weight of the regret and Bentham losses from the number of votes each share
-    comes from (0: not a vote share, weight 1). A share of n votes is n Bernoulli outcomes: its
-    binomial log-likelihood is n times the binary cross-entropy, but posts' shares vary more than
-    a binomial says (a beta-binomial with intra-post correlation rho), which caps what n votes
-    are worth at n / (1 + (n - 1) rho). Divided by its mean over the records with votes, so the
-    loss keeps its scale; overdispersion 1 weighs every record alike."""
-    w = torch.ones_like(votes, dtype=torch.float32)
-    has = votes > 0
-    if has.any():
-        n = votes[has].float()
-        info = n / (1 + (n - 1) * overdispersion)
-        w[has] = info / info.mean()
-    return w
-
-
 def per_item_losses(out: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
                     smoothing: float, smooth_surd: bool, values: str = "bce") -> dict[str, torch.Tensor]:
     """Unreduced, masked losses of the heads in `out` (logits): emotion/regret/surd per sample,
     bentham per element; regret and Bentham times the record's `weight` where the targets have
-    one (`vote_weights`)."""
+    one (`redheart.data.dataset.vote_weights`)."""
     loss = {
         "emotion": lambda o, t: soft_cross_entropy(o, t, smoothing),
         "bentham": lambda o, t: value_loss(o, t, values),
