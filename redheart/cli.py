@@ -42,6 +42,9 @@ def common_args(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--preset", choices=PRESETS, help="model preset (default: 730m on a GPU, tiny without one for test modes)")
     p.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="data file or folder, or FORMAT:PATH (canonical, redheart, scruples, goemotions); repeatable")
+    p.add_argument("--eval-data", action="append", default=[], metavar="SPEC",
+                   help="evaluation only, never trained on: the final model is scored on it at the end of the run "
+                        "(dilemmas:PATH for Scruples dilemmas, or any data spec); repeatable")
     p.add_argument("--output-dir", default="training", help="root of all outputs (default: training)")
     p.add_argument("--resume", metavar="PATH|latest",
                    help="continue from a checkpoint, or the newest resume state; the run keeps the settings it was "
@@ -193,6 +196,8 @@ def _make_config(args, mode: str, preset_name: str) -> Config:
         cfg.data.skip_bad_records = True
     if args.data:
         cfg.data.paths = [_absolute_spec(s) for s in args.data]
+    if getattr(args, "eval_data", None):
+        cfg.data.eval_paths = [_absolute_spec(s) for s in args.eval_data]
     cfg.output_dir = args.output_dir
     from redheart.config import parse_assignment, set_value
 
@@ -204,7 +209,7 @@ def _make_config(args, mode: str, preset_name: str) -> Config:
 
 def _absolute_spec(spec: str) -> str:
     head, sep, tail = spec.partition(":")
-    if sep and head in ("canonical", "redheart", "scruples", "goemotions"):
+    if sep and head in ("canonical", "redheart", "scruples", "goemotions", "dilemmas"):
         return f"{head}:{os.path.abspath(os.path.expanduser(tail))}"
     return os.path.abspath(os.path.expanduser(spec))
 

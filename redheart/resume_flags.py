@@ -16,7 +16,8 @@ from redheart.config import Config, ConfigError, load_yaml, parse_assignment
 
 CHANGEABLE = {"train.epochs": "--epochs", "train.device": "--device", "train.parallel": "--set train.parallel",
               "train.log_every": "--set train.log_every", "sweetspot.": "--set sweetspot.*",
-              "crossover.": "--set crossover.*"}  # the analysis after training, not the training itself
+              "crossover.": "--set crossover.*",  # the analysis after training, not the training itself
+              "data.eval_paths": "--eval-data"}  # scored after training, never trained on
 
 
 def changeable(key: str) -> bool:
@@ -49,6 +50,7 @@ def asked_settings(args, mode: str, samples: int | None) -> dict[str, str]:
              "data.max_records": ("--max-records", args.max_records),
              "data.skip_bad_records": ("--skip-bad-records", True if args.skip_bad_records else None),
              "data.paths": ("--data", args.data or None), "train.epochs": ("--epochs", args.epochs),
+             "data.eval_paths": ("--eval-data", getattr(args, "eval_data", None) or None),
              "train.device": ("--device", args.device)}
     if args.lr_sweep is not None:
         flags["sweep.enabled"] = ("--lr-sweep" if args.lr_sweep else "--no-lr-sweep", args.lr_sweep)

@@ -134,3 +134,15 @@ def test_evaluate_refuses_bad_input_with_a_clear_error(scruples_run, tmp_path):
                           (["--data", "x", "--batch-size", "0"], "--batch-size: must be >= 1")):
         proc = cli("evaluate", "--checkpoint", ckpt, *args)
         assert proc.returncode == 2 and message in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_eval_data_on_the_command_line_scores_the_final_model(tmp_path, write_file):
+    path = write_file("dilemmas.jsonl", dilemma_pairs(6, 3))
+    out = tmp_path / "run"
+    proc = cli("unified-train", "--preset", "tiny", "--epochs", "1", "--max-records", "40", "--no-lr-sweep",
+               "--eval-data", f"dilemmas:{path}", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = (out / "checkpoints_final").glob("crossover_report_*.json")
+    (got,) = json.loads(report.read_text())["evaluations"]
+    assert got["kind"] == "dilemmas" and got["n"] == 6 and got["data"] == f"dilemmas:{path}"
+    assert f"evaluation on dilemmas:{path}: dilemmas accuracy" in proc.stderr
