@@ -49,10 +49,19 @@ PANELS = 9  # the five heads' losses, emotion accuracy/F1, LR, throughput, memor
 
 
 def _save(fig: Figure, path: Path, dpi: float | None = None) -> str:
+    """Draw into memory, then write atomically (a full disk leaves no half image, and is a failed
+    write like any other: `ckio.WriteFailed`)."""
+    import io
+
+    from redheart.ckpt.io import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi or "figure")
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi or "figure", format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
     return str(path)
 
 

@@ -242,17 +242,42 @@ def clean_leftovers(paths: RunPaths) -> None:
                  ", ".join(p.name for p in removed))
 
 
-def report_stop(stopped: TrainingStopped, paths: RunPaths, mode: str) -> None:
+def report_stop(stopped: TrainingStopped, paths: RunPaths, mode: str, failure: Exception | None = None) -> None:
     log.error("%s", stopped.reason)
+    first = ""
+    if failure is not None:  # a failed write stopped the run: which file, how much space, then how to go on
+        log.error("the run stopped because a file could not be written: %s", failure)
+        space = getattr(failure, "no_space", False)
+        first = "free space there (or move the output directory to a larger disk), then " if space else \
+            "make that folder writable, then "
     if stopped.resume_path:
-        log.error("resume with: bash run_learning.sh %s --resume %s   (or --resume latest)", mode, stopped.resume_path)
+        log.error("%sresume with: bash run_learning.sh %s --resume %s   (or --resume latest)", first, mode,
+                  stopped.resume_path)
         return
     entries = [e for e in read_registry(paths.root) if Path(e["path"]).is_file()]
     if entries:
-        log.error("no new resumable state was written; the last complete one is %s: resume with: "
-                  "bash run_learning.sh %s --resume latest", entries[-1]["path"], mode)
+        log.error("no new resumable state was written; the last complete one is %s: %sresume with: "
+                  "bash run_learning.sh %s --resume latest", entries[-1]["path"], first, mode)
     else:
-        log.error("nothing to resume: no training state was saved yet; run the command again")
+        log.error("nothing to resume: no training state was saved yet; %srun the command again", first)
+
+
+def check_disk_space(trainer: Trainer, paths: RunPaths) -> None:
+    """Refuse (WriteFailed, reported) before training when the checkpoints folder cannot hold
+    the run's first saves: a resume state (weights, AdamW moments, EMA) and a snapshot, beyond
+    the margin every save keeps; a run that could save nothing would train for nothing."""
+    params = trainer.param_counts["total"]
+    cfg = trainer.cfg
+    state = params * 4 * (3 + (1 if trainer.ema is not None else 0))
+    snapshot = params * (2 if cfg.train.snapshot_dtype == "bf16" else 4)
+    need = state + snapshot + ckio.SAVE_MARGIN_BYTES
+    free = ckio.free_bytes(paths.checkpoints)
+    if free is not None and free < need:
+        raise ckio.report_write_failure(ckio.WriteFailed(
+            paths.checkpoints, f"not enough disk space for this run's checkpoints: {ckio.human_bytes(free)} free in "
+            f"{paths.checkpoints}, {ckio.human_bytes(need)} needed before training starts (a resume state of "
+            f"{ckio.human_bytes(state)}, a snapshot of {ckio.human_bytes(snapshot)} and "
+            f"{ckio.human_bytes(ckio.SAVE_MARGIN_BYTES)} kept free)", need, free))
 
 
 def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> str:
@@ -380,6 +405,7 @@ def train(cfg: Config, opts: RunOptions) -> int:
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])
         ckio.set_faults({})
+        ckio.on_write_failure(None)
         rdist.shutdown()
         for lock in held:
             lock.release()
@@ -423,10 +449,18 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
     stop = StopFlag()
     training = [False]
     install_signal_handlers(stop, lambda: training[0], between_micro_batches=not world.active)
+
+    def write_failed(exc: ckio.WriteFailed) -> None:  # the one rule of a failed write: the run stops
+        if stop.write_failure is None:
+            stop.write_failure = exc
+        if not stop.requested:
+            stop.requested, stop.signal_name = True, "a failed write"
+
+    ckio.on_write_failure(write_failed)
     trainer = tb = None
     try:
         if state is None and world.main:
-            ckio.atomic_write_text(cfg.to_yaml(), paths.config_file)
+            _written(lambda: ckio.atomic_write_text(cfg.to_yaml(), paths.config_file), "config")
         session = build_session(cfg, opts.data)
         opts.data = None  # the splits hold what training needs
         probe = _micro_batch_probe(cfg, session, opts, world, paths, resuming=state is not None)
@@ -438,6 +472,7 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
         trainer.memory_probe = probe
         if world.main:
             log.info("\n%s", start_summary(cfg, paths, session, trainer))
+            check_disk_space(trainer, paths)
         if state is not None:
             _fitting(lambda: trainer.restore(state), f"the resume state of run {paths.run_id}")
             log.info("resumed run %s at epoch %d, step %d (global step %d)", paths.run_id, trainer.epoch + 1,
@@ -451,8 +486,8 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
 
             result = run_sweep(trainer)
             jpath = ppath = None
-            if world.main:
-                jpath, ppath = write_sweep(result, paths.sweep, paths.run_id)
+            if world.main:  # not written: the run stops at its first step, keeping the sweep's choice
+                jpath, ppath = _written(lambda: write_sweep(result, paths.sweep, paths.run_id), "LR sweep") or (None, None)
             trainer.set_lr(result["lr"])
             trainer.sweep_result = {"lr": result["lr"], "json": jpath, "plot": ppath, "reason": result["reason"]}
         progress = Progress(cfg.train.epochs, cfg.train.log_every, opts.verbose, quiet=not world.main)
@@ -461,19 +496,54 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
             history = trainer.fit(progress)
         finally:
             progress.close()
-    except (TrainingStopped, StopBeforeTraining) as exc:
-        stopped = exc if isinstance(exc, TrainingStopped) else \
-            TrainingStopped(f"stopped by {exc} before training began", None, code=75)
+    except (TrainingStopped, StopBeforeTraining, ckio.WriteFailed) as exc:
+        if isinstance(exc, TrainingStopped):
+            stopped = exc
+        elif isinstance(exc, ckio.WriteFailed):  # before training, or a write of its own (a profiled step)
+            stopped = TrainingStopped("stopped: a file could not be written" + (
+                "" if training[0] else " before training began"), None, code=75)
+        else:
+            stopped = TrainingStopped(f"stopped by {exc} before training began", None, code=75)
         if world.main:
-            report_stop(stopped, paths, opts.mode)
             if trainer is not None:
                 _write_side_files(trainer, paths)
-        if tb is not None:
-            tb.close()
+            if tb is not None:
+                tb.close()
+            report_stop(stopped, paths, opts.mode, stop.write_failure)
         return stopped.code
     if not world.main:  # the analysis runs on rank 0 alone
         return 0
+    handed, trainer = [trainer], None  # _after_training lets go of the training state before the analysis
+    try:
+        return _after_training(cfg, opts, paths, session, handed, history, tb, stop)
+    except ckio.WriteFailed:
+        tb.close()
+        log.error("training is complete and saved, but the analysis after it stopped: a file could not be "
+                  "written: %s", stop.write_failure)
+        log.error("free space there, then run it again: bash run_learning.sh crossover %s (or: bash "
+                  "run_learning.sh %s --resume latest)", paths.root, opts.mode)
+        return 75
+
+
+def _written(write: Callable[[], Any], what: str) -> Any:
+    """A write whose failure is reported (`ckio.report_write_failure`: the run stops at its
+    first step) without ending the setup; None when it failed."""
+    try:
+        return write()
+    except ckio.WriteFailed as exc:
+        log.error("%s not written: %s", what, exc)
+        return None
+
+
+def _after_training(cfg: Config, opts: RunOptions, paths: RunPaths, session, handed: list[Trainer],
+                    history: list[dict[str, Any]], tb, stop: StopFlag) -> int:
+    """Rank 0 after training: the side files, then Sweet Spot, Crossover and the curves, and the
+    summary (`handed`: the trainer, the one reference to it). A failed write here raises
+    ckio.WriteFailed (the caller says what to do)."""
+    trainer = handed.pop()
     _write_side_files(trainer, paths)
+    if stop.write_failure is not None:
+        raise stop.write_failure
     # Training is complete and saved; a signal from here on ends the process at once (every
     # file is written atomically), and the analysis can be re-run with `redheart crossover`.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -487,6 +557,8 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
         log.warning("stop requested after the last step: Sweet Spot and Crossover skipped "
                     "(run them with: bash run_learning.sh crossover %s)", paths.root)
         tb.close()
+        if stop.write_failure is not None:
+            raise stop.write_failure
         return 0
     # The analysis reads the saved snapshots: the training state (the model, its gradients, the
     # AdamW moments and the EMA: 16 GB for an 800M model in fp32) goes first. Kept, it took the
@@ -503,6 +575,8 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
     plot_training_curves(history, paths.logs / f"training_curves_{paths.run_id}.png",
                          {m: {"epoch": e} for m, e in (report or {}).get("sweet_spots", {}).items()})
     tb.close()
+    if stop.write_failure is not None:  # one the analysis or TensorBoard reported without raising
+        raise stop.write_failure
     log.info("\n%s", end_summary(paths, history, report))
     return 0
 

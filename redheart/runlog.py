@@ -27,9 +27,45 @@ def setup_logging(debug: bool = False, log_file: Path | None = None) -> None:
     log.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh = _LogFile(log_file, encoding="utf-8")
         fh.setFormatter(logging.Formatter(_FMT, "%Y-%m-%d %H:%M:%S"))
         log.addHandler(fh)
+
+
+class _LogFile(logging.FileHandler):
+    """The log file. A line that cannot be written (a full disk) is a failed write like any
+    other (`ckio.report_write_failure`: the run stops) instead of logging's traceback on the
+    console; the file takes no more lines, the console goes on."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
+        from redheart.ckpt import io as ckio
+
+        injected = ckio.injected_failure(Path(self.baseFilename))
+        if injected is not None:
+            self._failed(injected, record)
+            return
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self._failed(exc, record)
+            return
+        super().handleError(record)
+
+    def _failed(self, exc: OSError, record: logging.LogRecord) -> None:
+        from redheart.ckpt import io as ckio
+
+        self.broken = True
+        try:
+            need = len(self.format(record)) + 1
+        except Exception:  # noqa: BLE001 - the size is only for the message
+            need = None
+        ckio.report_write_failure(ckio.WriteFailed(Path(self.baseFilename), exc, need))
 
 
 class _Console(logging.StreamHandler):

@@ -408,6 +408,52 @@ def kill_while_registering(out: Path, rng: random.Random) -> dict:
     return {"out": out, "rc": p.finish(), "text": p.text, "tmp": tmp[0], "states": sorted(ck.glob("resume_state_*"))}
 
 
+MOUNTS: list[Path] = []  # the tmpfs disks of the full-disk scenarios, unmounted at the module's end
+
+
+def mount_tmpfs(where: Path, size: str) -> str | None:
+    """A real small disk (tmpfs) at `where`; None, or why there can be none (not root, ...)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return "mounting a tmpfs needs root"
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    if p.returncode:
+        return f"mount -t tmpfs failed: {p.stderr.strip()}"
+    MOUNTS.append(where)
+    return None
+
+
+def three_mib_disk(d: Path, rng: random.Random) -> dict:
+    """unified-train on a 3 MiB disk, where no checkpoint fits."""
+    why = mount_tmpfs(d / "disk", "3m")
+    if why:
+        return {"skip": why}
+    t0 = time.monotonic()
+    p = Proc(train_args(d / "disk" / "out"))
+    return {"rc": p.finish(), "text": p.text, "seconds": time.monotonic() - t0, "out": d / "disk" / "out"}
+
+
+def disk_fills_in_epoch_2(d: Path, rng: random.Random) -> dict:
+    """A 100 MiB disk that another program fills (a ballast file written until ENOSPC) while the
+    run is in epoch 2."""
+    why = mount_tmpfs(d / "disk", "100m")
+    if why:
+        return {"skip": why}
+    out, ballast = d / "disk" / "out", d / "disk" / "ballast"
+    p = Proc(train_args(out))
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 3)
+    p.wait_step(k)
+    with open(ballast, "wb", buffering=0) as f:
+        for chunk in (2**20, 2**12, 1):  # to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+    full_at = max(int(n) for n in re.findall(r"\(global (\d+)\)", p.text))  # the last step logged once full
+    return {"rc": p.finish(), "text": p.text, "full_at": full_at, "out": out, "ballast": ballast}
+
+
 def two_runs_at_once(d: Path, rng: random.Random) -> dict:
     """Two runs started at the same moment into one output directory (different seeds)."""
     procs = [Proc(train_args(d, "--epochs", "1", "--seed", str(seed))) for seed in (1, 2)]
@@ -417,7 +463,7 @@ def two_runs_at_once(d: Path, rng: random.Random) -> dict:
 SCENARIOS = {"sigterm": stop_with_sigterm, "sigkill": kill_three_times, "sigint": interrupt_twice,
              "setup": stop_during_setup, "snapshot": corrupt_a_snapshot, "pickled": load_pickled_code,
              "nan": nan_three_in_a_row, "oom": oom_then_stop, "two_runs": two_runs_at_once,
-             "registering": kill_while_registering}
+             "registering": kill_while_registering, "small_disk": three_mib_disk, "disk_fills": disk_fills_in_epoch_2}
 if shutil.which("timeout"):
     SCENARIOS["timeout"] = expire_timeout
 
@@ -442,6 +488,8 @@ def scenario(tmp_path_factory, reference):
         if p.poll() is None:
             p.kill()
     pool.shutdown(wait=True)
+    for where in MOUNTS:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -489,28 +537,62 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, one_thread):
 # A full disk
 
 
-def test_disk_full_inside_a_snapshot_write_fails_that_save_only(reference, tmp_path, one_thread):
+class Said:
+    """The run's log records, console lines included (a full disk may have closed the log file)."""
+
+    def __enter__(self) -> "Said":
+        self.records: list[logging.LogRecord] = []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        logging.getLogger("redheart").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("redheart").removeHandler(self.handler)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+RESUME_HINT = r"free space there \(or move the output directory to a larger disk\), then resume with: bash run_learning.sh " \
+              r"unified-train --resume "
+
+
+def test_disk_full_inside_a_snapshot_write_stops_the_run_keeping_its_last_step(reference, tmp_path, one_thread):
     """ENOSPC 64 KiB into the epoch-2 snapshot: no file under its name, the epoch-1 snapshot and
-    the list stay sound, and training goes on to the same final weights."""
+    the list stay sound; the run stops at once (75) with the state after epoch 2's last step,
+    saying which file needs how much space; the resume redoes the epoch's end (validation,
+    metrics, snapshot) and ends with the straight run's weights."""
     FIGURES["scenarios"] += 1
     out = tmp_path / "run"
     cfg = tiny_config(out, **IN_PROCESS, train__save_every=1)
     faults = {"write_error": {"match": "checkpoint_epoch_0002", "after_bytes": 65536}}
-    assert run(cfg, analysis=False, faults=faults) == 0
+    with Said() as said:
+        assert run(cfg, analysis=False, faults=faults) == 75
     FIGURES["disk faults survived"] += 1
-    log = read_log(out)
-    assert re.search(r"epoch 2 snapshot not saved \(training continues\): could not write \S+checkpoint_epoch_0002\S+: "
-                     r"\[Errno 28\] No space left on device", log), log
+    assert re.search(r"epoch 2 snapshot not saved: could not write \S+checkpoint_epoch_0002\S+: \[Errno 28\] No space "
+                     r"left on device .+ \(it needs about \d+\.\d MiB; [\d.]+ \w+ free in \S+checkpoints_final\)",
+                     said.text), said.text
+    assert f"stopped at the end of epoch 2 (global step {EPOCHS * STEPS_PER_EPOCH}): its files could not all be written; " \
+           f"the state after its last step is kept, and a resume redoes the epoch's end" in said.text
+    assert re.search(RESUME_HINT + rf"\S+_step{EPOCHS * STEPS_PER_EPOCH:08d}\.pt", said.text), said.text
     ck = out / "checkpoints_final"
     assert [e["epoch"] for e in ckio.read_metadata(ck)] == [1]
     assert not list(ck.glob("checkpoint_epoch_0002*"))
+    kept = newest_state(out)
+    assert (kept["epoch"], kept["step_in_epoch"], kept["finished"], len(kept["history"])) == (1, STEPS_PER_EPOCH, False, 1)
     assert_files_sound(out)
+    assert resume_here(out) == 0
+    assert [e["epoch"] for e in ckio.read_metadata(ck)] == [1, 2]
     assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
 
 
 def test_disk_full_at_a_stop_keeps_the_previous_state_and_says_so(reference, tmp_path, one_thread, monkeypatch):
     """The free-space check finds too little for the resume state of a stop: the stop says no new
-    state was written and names the last complete one, from which the run resumes exactly."""
+    state was written, which file needed how much space, and names the last complete one, from
+    which the run resumes exactly."""
     FIGURES["scenarios"] += 1
     out = tmp_path / "run"
     cfg = tiny_config(out, **IN_PROCESS)
@@ -520,17 +602,18 @@ def test_disk_full_at_a_stop_keeps_the_previous_state_and_says_so(reference, tmp
     def usage(path):
         calls["n"] += 1
         u = real(path)
-        return u if calls["n"] <= 1 else u._replace(free=1024)  # full after the epoch-1 state
+        return u if calls["n"] <= 2 else u._replace(free=1024)  # full after the epoch-1 state
 
     monkeypatch.setattr(ckio.shutil, "disk_usage", usage)
-    assert run(cfg, analysis=False, faults={"stop_at_step": 9}) == 75
+    with Said() as said:
+        assert run(cfg, analysis=False, faults={"stop_at_step": 9}) == 75
     monkeypatch.setattr(ckio.shutil, "disk_usage", real)
     FIGURES["disk faults survived"] += 1
-    log = read_log(out)
-    assert re.search(r"resume state not saved \(the previous one is kept\): not enough disk space in \S+: "
-                     r"0\.00 GiB free, \d+\.\d\d GiB needed", log), log
+    assert re.search(r"resume state not saved \(the previous one is kept\): could not write \S+_step00000009\.pt: not "
+                     r"enough disk space in \S+checkpoints_final for resume_state_\S+_step00000009\.pt: 1\.0 KiB free, "
+                     r"\d+\.\d MiB needed \(\d+\.\d MiB for the file and 64\.0 MiB kept free\)", said.text), said.text
     assert re.search(rf"no new resumable state was written; the last complete one is \S+_step{STEPS_PER_EPOCH:08d}\.pt: "
-                     rf"resume with: bash run_learning.sh unified-train --resume latest", log), log
+                     + RESUME_HINT + "latest", said.text), said.text
     assert_files_sound(out)
     assert run(tiny_config(out, **IN_PROCESS), resume="latest", analysis=False) == 0
     assert_same_final_state(reference.state(), newest_state(out))
@@ -538,20 +621,125 @@ def test_disk_full_at_a_stop_keeps_the_previous_state_and_says_so(reference, tmp
 
 def test_disk_full_writing_metadata_lists_no_missing_file(tmp_path, one_thread):
     """The metadata.json write after the epoch-2 snapshot fails: the list stays as it was (epoch
-    1, whose file exists), nothing is deleted, training ends normally."""
+    1, whose file exists), nothing is deleted, the run stops (75) and its resume lists epoch 2."""
     FIGURES["scenarios"] += 1
     out = tmp_path / "run"
     cfg = tiny_config(out, **IN_PROCESS, train__save_every=1, train__keep_checkpoints=1)
-    assert run(cfg, analysis=False, faults={"write_error": {"match": "metadata.json", "skip": 1}}) == 0
+    with Said() as said:
+        assert run(cfg, analysis=False, faults={"write_error": {"match": "metadata.json", "skip": 1}}) == 75
     FIGURES["disk faults survived"] += 1
-    log = read_log(out)
-    assert re.search(r"metadata.json not updated \(training continues; checkpoint_epoch_0002\S+ is on disk but not "
-                     r"listed\): could not write \S+metadata.json: \[Errno 28\] No space left on device", log), log
+    assert re.search(r"metadata.json not updated \(checkpoint_epoch_0002\S+ is on disk but not listed\): could not "
+                     r"write \S+metadata.json: \[Errno 28\] No space left on device", said.text), said.text
     ck = out / "checkpoints_final"
     meta = ckio.read_metadata(ck)
     assert [e["epoch"] for e in meta] == [1] and all(Path(e["path"]).is_file() for e in meta)
-    assert "retention: deleted" not in log
-    assert newest_state(out)["finished"]
+    assert "retention: deleted" not in said.text
+    assert not newest_state(out)["finished"]
+    assert resume_here(out) == 0
+    assert newest_state(out)["finished"] and [e["epoch"] for e in ckio.read_metadata(ck)][-1] == 2
+
+
+@pytest.mark.parametrize("writer, match", [("the log file", "training_2"), ("TensorBoard", "events.out.tfevents")])
+def test_a_full_disk_under_the_log_or_tensorboard_stops_the_run_at_once(reference, tmp_path, one_thread, writer, match):
+    """ENOSPC writing a log line (in epoch 2) or TensorBoard's epoch-1 scalars: not logging's or
+    the writer thread's traceback and training on, but the one rule: stop at once (75), the
+    path named, the state of the last completed step kept, from which the resume ends with the
+    straight run's weights."""
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    skip = {"the log file": 14, "TensorBoard": 1}[writer]  # log lines before the failing one; TB: its creation
+    faults = {"write_error": {"match": match, "skip": skip}}
+    with Said() as said:
+        assert run(tiny_config(out, **IN_PROCESS, train__log_every=1), analysis=False, faults=faults) == 75
+    FIGURES["disk faults survived"] += 1
+    assert "Traceback" not in said.text and "Logging error" not in said.text
+    assert re.search(r"the run stopped because a file could not be written: could not write \S+"
+                     + ("training_\\S+\\.log" if writer == "the log file" else "tb_\\S+")
+                     + r": \[Errno 28\] No space left on device .+ \(it needs about \d+(\.\d)? (B|KiB); ", said.text), said.text
+    kept = newest_state(out)
+    if writer == "TensorBoard":  # at epoch 1's end: back to after its last step
+        assert "stopped at the end of epoch 1" in said.text
+        assert (kept["epoch"], kept["step_in_epoch"], kept["history"]) == (0, STEPS_PER_EPOCH, [])
+    else:
+        m = re.search(r"stopped by a failed write after step (\d+) ", said.text)
+        assert m and kept["global_step"] == int(m.group(1)) and STEPS_PER_EPOCH <= kept["global_step"] < 12, said.text
+    assert resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_a_full_disk_for_the_training_curves_stops_after_training_and_the_resume_finishes(tmp_path, one_thread):
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    with Said() as said:
+        assert run(tiny_config(out, **IN_PROCESS), analysis=False,
+                   faults={"write_error": {"match": "training_curves_"}}) == 75
+    FIGURES["disk faults survived"] += 1
+    assert re.search(r"training is complete and saved, but the analysis after it stopped: a file could not be written: "
+                     r"could not write \S+training_curves_\S+\.png: \[Errno 28\] No space left on device .+ \(it needs "
+                     r"about \d+\.\d KiB; ", said.text), said.text
+    assert f"bash run_learning.sh crossover {out}" in said.text
+    assert not list((out / "logs").glob("training_curves_*")) and not list((out / "logs").glob(".training_curves*"))
+    assert resume_here(out) == 0
+    assert list((out / "logs").glob("training_curves_*.png"))
+
+
+def test_a_3_mib_disk_refuses_the_run_before_it_trains_saying_how_much_is_needed(scenario):
+    """A real 3 MiB tmpfs: not an epoch trained for nothing and a failure at the end, but a stop
+    before training (75) naming the folder, what is free and what is needed, in MiB."""
+    FIGURES["scenarios"] += 1
+    res = scenario["small_disk"].result()
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    text = res["text"]
+    assert res["rc"] == 75, text
+    FIGURES["disk faults survived"] += 1
+    assert "Traceback" not in text and "epoch 1/" not in text
+    assert re.search(r"could not write \S+checkpoints_final: not enough disk space for this run's checkpoints: [1-3]\.\d MiB "
+                     r"free in \S+, \d\d\.\d MiB needed before training starts \(a resume state of \d+\.\d MiB, a snapshot "
+                     r"of \d+\.\d MiB and 64\.0 MiB kept free\)", text), text
+    assert "nothing to resume: no training state was saved yet; free space there" in text
+
+
+def test_a_disk_filled_by_another_program_mid_epoch_stops_the_run_and_it_resumes_exactly(scenario, reference, one_thread):
+    """A real 100 MiB tmpfs filled while epoch 2 trains: the next log line fails, the run stops
+    at once (75), names the file and the space, keeps the state of epoch 1's end (a new one no
+    longer fits); once the space is freed the resume ends with the straight run's weights."""
+    FIGURES["scenarios"] += 1
+    res = scenario["disk_fills"].result()
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    text, out = res["text"], res["out"]
+    assert res["rc"] == 75, text
+    FIGURES["disk faults survived"] += 1
+    assert "Traceback" not in text and "Logging error" not in text
+    # at the first write that needs a new page of the disk: a log line, or the epoch's files at its end
+    m = re.search(r"stopped by a failed write after step (\d+) \(epoch 2, |stopped at the end of epoch (2) ", text)
+    assert m and (m.group(2) or res["full_at"] <= int(m.group(1)) < EPOCHS * STEPS_PER_EPOCH), text
+    assert re.search(r"the run stopped because a file could not be written: could not write \S+: .*\[Errno 28\] No space "
+                     r"left on device", text), text
+    assert re.search(rf"no new resumable state was written; the last complete one is \S+_step{STEPS_PER_EPOCH:08d}\.pt: "
+                     + RESUME_HINT + "latest", text), text
+    res["ballast"].unlink()
+    assert resume_here(out) == 0
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+
+
+def test_a_disk_without_room_for_the_first_checkpoints_is_refused_before_training(tmp_path, one_thread, monkeypatch):
+    FIGURES["scenarios"] += 1
+    out = tmp_path / "run"
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckio.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 2**20))
+    with Said() as said:
+        assert run(tiny_config(out, **IN_PROCESS), analysis=False) == 75
+    FIGURES["disk faults survived"] += 1
+    assert re.search(r"could not write \S+checkpoints_final: not enough disk space for this run's checkpoints: 3\.0 MiB "
+                     r"free in \S+, \d\d\.\d MiB needed before training starts \(a resume state of \d+\.\d MiB, a snapshot "
+                     r"of \d+\.\d MiB and 64\.0 MiB kept free\)", said.text), said.text
+    assert "stopped: a file could not be written before training began" in said.text
+    assert "nothing to resume: no training state was saved yet; free space there" in said.text
+    assert "epoch 1/" not in said.text
 
 
 def test_resume_from_a_path_verifies_listed_checksums_and_warns_for_unlisted_files(reference, tmp_path, one_thread):

@@ -74,6 +74,81 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written, read, verified or trusted."""
 
 
+# ---------------------------------------------------------------------------------------
+# The one rule for a write that fails (a full disk, a quota, a folder that went read-only):
+# every writer of a run (checkpoints, metrics and other JSON, the log file, TensorBoard, plots)
+# reports it here, with the path and the space it needs; a run listens (`on_write_failure`)
+# and stops at once, keeping what it still can, with the resumable exit code.
+
+SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def human_bytes(n: float) -> str:
+    """1023 B, 812.0 KiB, 73.4 MiB, 1.25 GiB: enough digits to tell two sizes apart."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def free_bytes(folder: Path) -> int | None:
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+class WriteFailed(CheckpointError):
+    """A file could not be written: `path`, the error, and for a lack of space how much the
+    write needed (`need`, bytes, None if unknown) against what is free in its folder."""
+
+    def __init__(self, path: Path, cause: OSError | str, need: int | None = None, free: int | None = None):
+        self.path, self.cause, self.need = Path(path), cause, need
+        self.free = free if free is not None else free_bytes(self.path.parent)
+        self.no_space = isinstance(cause, str) or getattr(cause, "errno", None) in SPACE_ERRNOS
+        text = f"could not write {self.path}: {cause}"
+        if isinstance(cause, OSError) and self.no_space:
+            needs = f"it needs about {human_bytes(need)}" if need else "it needs more space"
+            text += f" ({needs}; {human_bytes(self.free) if self.free is not None else 'nothing'} free in {self.path.parent})"
+        super().__init__(text)
+
+
+_failures: list[WriteFailed] = []
+_listeners: list[Callable[[WriteFailed], None]] = []
+
+
+def report_write_failure(exc: WriteFailed) -> WriteFailed:
+    """Record a failed write and tell the listeners (the run's stop); returns it for `raise`."""
+    _failures.append(exc)
+    for fn in list(_listeners):
+        fn(exc)
+    return exc
+
+
+def write_failures() -> list[WriteFailed]:
+    return list(_failures)
+
+
+def on_write_failure(fn: Callable[[WriteFailed], None] | None) -> None:
+    """Listen for failed writes (None: stop listening and forget those recorded)."""
+    _listeners.clear()
+    _failures.clear()
+    if fn is not None:
+        _listeners.append(fn)
+
+
+def injected_failure(path: Path) -> OSError | None:
+    """A test's ENOSPC (`write_error`) for a writer that does not go through the atomic writes
+    (the log file, TensorBoard): an error when its name matches, after the first K matches."""
+    if not _faults or not _faults.get("write_error"):
+        return None
+    limit = _byte_limit(Path(path))
+    return _no_space(Path(path)) if limit is not None else None
+
+
 class _HashingWriter(io.RawIOBase):
     def __init__(self, f, path: Path):
         self.f, self.path, self.sha, self.size = f, path, hashlib.sha256(), 0
@@ -131,13 +206,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_free_space(folder: Path, need: int) -> None:
+def check_free_space(folder: Path, need: int, path: Path | None = None) -> None:
+    """WriteFailed (reported) unless `folder` has `need` bytes free beyond SAVE_MARGIN_BYTES."""
     free = shutil.disk_usage(folder).free
     if free < need + SAVE_MARGIN_BYTES:
-        raise CheckpointError(
-            f"not enough disk space in {folder}: {free / 2**30:.2f} GiB free, "
-            f"{(need + SAVE_MARGIN_BYTES) / 2**30:.2f} GiB needed"
-        )
+        what = f" for {path.name}" if path is not None else ""
+        raise report_write_failure(WriteFailed(
+            path or folder, f"not enough disk space in {folder}{what}: {human_bytes(free)} free, "
+            f"{human_bytes(need + SAVE_MARGIN_BYTES)} needed ({human_bytes(need)} for the file and "
+            f"{human_bytes(SAVE_MARGIN_BYTES)} kept free)", need + SAVE_MARGIN_BYTES, free))
 
 
 def _without_zip_crc():
@@ -162,8 +239,9 @@ def atomic_save(obj: Any, path: Path, before_rename: Callable[[dict[str, Any]], 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"could not write {path}: {exc}") from None
-    check_free_space(path.parent, tensor_bytes(obj))
+        raise report_write_failure(WriteFailed(path, exc)) from None
+    need = tensor_bytes(obj)
+    check_free_space(path.parent, need, path)
     tmp = temp_name(path)
     w = None
     try:
@@ -183,22 +261,26 @@ def atomic_save(obj: Any, path: Path, before_rename: Callable[[dict[str, Any]], 
             raise
         if isinstance(exc, (OSError, RuntimeError)):
             cause = w.error if w is not None and w.error is not None else exc
-            raise CheckpointError(f"could not write {path}: {cause}") from exc
+            raise report_write_failure(WriteFailed(path, cause, need)) from exc
         raise
     return {"sha256": w.sha.hexdigest(), "size": w.size}
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file atomically; a failure (full disk) raises CheckpointError and leaves
-    the previous file as it was."""
+    """Write a text file atomically; a failure (full disk) raises WriteFailed (reported) and
+    leaves the previous file as it was."""
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """`atomic_write_text` for bytes (a PNG, ...)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"could not write {path}: {exc}") from None
+        raise report_write_failure(WriteFailed(path, exc, len(data))) from None
     tmp = temp_name(path)
     try:
-        data = text.encode("utf-8")
         limit = _byte_limit(path) if _faults else None
         with open(tmp, "wb") as f:
             if limit is not None and len(data) > limit:
@@ -217,7 +299,7 @@ def atomic_write_text(text: str, path: Path) -> None:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {path}: {exc}") from exc
+            raise report_write_failure(WriteFailed(path, exc, len(data))) from exc
         raise
 
 

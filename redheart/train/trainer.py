@@ -978,8 +978,10 @@ class Trainer:
             self.epoch = epoch
             self.step_in_epoch = 0
             self.finished = self.epoch == cfg.train.epochs
-            self.end_of_epoch()
-            if any_rank(self.stop.requested, self.world) and not self.finished:  # a signal while closing the epoch
+            self.end_of_epoch(len(plan))
+            # a signal while closing the epoch; or its resume state not written (the run's last too)
+            if any_rank(self.stop.requested, self.world) and (
+                    not self.finished or any_rank(self.stop.write_failure is not None, self.world)):
                 self.wait_for_save()
                 self.stop.signal_name = self.stop.signal_name or "a stop request on another rank"
                 raise TrainingStopped(f"stopped by {self.stop.signal_name} at the end of epoch {epoch}",
@@ -1038,7 +1040,9 @@ class Trainer:
         if self.global_step in self.faults.get("inf_grad_at_steps", ()):
             next(p.grad for p in self.model.parameters() if p.grad is not None).fill_(float("inf"))
 
-    def end_of_epoch(self) -> dict[str, Any]:
+    def end_of_epoch(self, steps: int) -> dict[str, Any]:
+        """Validate, write the epoch's metrics record, TensorBoard scalars, snapshot and resume
+        state (`steps`: the epoch's optimizer steps, for going back before its end)."""
         self.settle()
         cfg = self.cfg
         seconds = time.time() - self._epoch_t0
@@ -1062,11 +1066,12 @@ class Trainer:
             "timestamp": iso_now(),
         }
         self.history.append(record)
+        failed_before = len(ckio.write_failures())
         if self.world.main:  # every rank holds the same record; one writes it
             try:
                 self.write_metrics()
-            except ckio.CheckpointError as exc:  # the history is in the resume state too
-                log.error("metrics record not updated (training continues): %s", exc)
+            except ckio.CheckpointError as exc:
+                log.error("metrics record of epoch %d not written: %s", self.epoch, exc)
         log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s%s | %.0fs", self.epoch,
                  cfg.train.epochs, train.get("loss", float("nan")), val["loss"],
                  f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "", record["samples_per_s"],
@@ -1074,14 +1079,28 @@ class Trainer:
         log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
         for head, why in collapsed.items():
             log.warning("epoch %d: the %s head has collapsed on validation: %s", self.epoch, head, why)
-        if self.tb is not None:
+        failed = lambda: len(ckio.write_failures()) > failed_before  # noqa: E731 - this epoch's files
+        if self.tb is not None and not failed():
             self.tb.epoch(record)
         if self.epoch % cfg.train.save_every == 0 or self.epoch == cfg.train.epochs:
             weights = self.snapshot_weights() if self.world.main or self.fsdp else None  # FSDP: all gather
-            if self.world.main:
+            if self.world.main and not failed():
                 self.save_snapshot(record, weights)
+        if any_rank(failed(), self.world):
+            self._unclose_epoch(record, steps)
         self.save_resume_state(background=self.async_save and not self.swap)  # swap manager: host memory is short
         return record
+
+    def _unclose_epoch(self, record: dict[str, Any], steps: int) -> None:
+        """The epoch's own files (metrics record, TensorBoard, snapshot) could not all be
+        written: back to the state after its last step, saved if it can be, so that a resume
+        redoes the epoch's end (validation, metrics, snapshot: the same numbers), then stop."""
+        self.history.remove(record)
+        self.epoch, self.step_in_epoch, self.finished = self.epoch - 1, steps, False
+        path = self.save_resume_state()
+        raise TrainingStopped(f"stopped at the end of epoch {self.epoch + 1} (global step {self.global_step}): its "
+                              f"files could not all be written; the state after its last step is kept, and a resume "
+                              f"redoes the epoch's end", path, code=75)
 
     def write_metrics(self) -> None:
         text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in self.history)
@@ -1132,7 +1151,7 @@ class Trainer:
         try:
             info = ckio.atomic_save(ckpt, path)
         except ckio.CheckpointError as exc:
-            log.error("epoch %d snapshot not saved (training continues): %s", self.epoch, exc)
+            log.error("epoch %d snapshot not saved: %s", self.epoch, exc)
             return None
         try:
             try:
@@ -1148,8 +1167,7 @@ class Trainer:
                             "weights": self.cfg.train.snapshot_weights, "metrics": metrics})
             self.prune(entries)
         except ckio.CheckpointError as exc:
-            log.error("metadata.json not updated (training continues; %s is on disk but not listed): %s",
-                      path.name, exc)
+            log.error("metadata.json not updated (%s is on disk but not listed): %s", path.name, exc)
             return None
         log.info("saved %s (%.1f MiB)", path.name, info["size"] / 2**20)
         return str(path)
@@ -1237,6 +1255,9 @@ class Trainer:
         t0 = time.time()
         try:
             path = self._write_resume_state(state)
+        except ckio.CheckpointError as exc:  # reported (a failed write stops the run), the previous state kept
+            log.error("resume state not saved (the previous one is kept): %s", exc)
+            return None
         except Exception:  # noqa: BLE001 - reported, and the previous state stays registered
             log.exception("resume state not saved (the previous one is kept)")
             return None
