@@ -351,6 +351,11 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
             lines.append(f"  emotion calibration: temperature {cal['emotion_temperature']:.3f} (fitted on validation); "
                          + ", ".join(f"{s} ECE {cal[s]['ece_before']:.4f} -> {cal[s]['ece_after']:.4f}"
                                      for s in ("val", "test") if s in cal))
+        for e in report.get("evaluations") or []:
+            if e.get("kind") == "dilemmas":
+                lines.append(f"  dilemmas: accuracy {e['accuracy']:.4f} of {e['n']} ({e['data']}; "
+                             f"{e['accuracy_without_those']:.4f} without the "
+                             f"{e['pairs_with_an_action_from_the_training_split']} with an action from the training split)")
         if sc["crossover"].get("test"):
             lines.append("  test loss: " + ", ".join(
                 f"{name.replace('_', ' ')} {sc[name]['test']['loss']:.4f}"

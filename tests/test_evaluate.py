@@ -146,3 +146,4 @@ def test_eval_data_on_the_command_line_scores_the_final_model(tmp_path, write_fi
     (got,) = json.loads(report.read_text())["evaluations"]
     assert got["kind"] == "dilemmas" and got["n"] == 6 and got["data"] == f"dilemmas:{path}"
     assert f"evaluation on dilemmas:{path}: dilemmas accuracy" in proc.stderr
+    assert f"  dilemmas: accuracy {got['accuracy']:.4f} of 6 (dilemmas:{path};" in proc.stderr  # the end summary
