@@ -6,7 +6,7 @@ import torch
 
 from redheart.config import MODULES, preset
 from redheart.model.modules import count_parameters, module_of, preset_parameter_counts
-from redheart.model.network import RedHeartNet
+from redheart.model.network import RedHeartNet, head_values
 
 from helpers import cli
 
@@ -63,11 +63,14 @@ def test_heads_have_the_right_shapes_and_ranges():
     x = torch.randn(3, 9, 384)
     keep = torch.ones(3, 9, dtype=torch.bool)
     keep[1, 5:] = False
-    out = net(x, keep)
+    logits = net(x, keep)
+    out = head_values(logits)
     assert out["emotion"].shape == (3, 7) and out["surd"].shape == (3, 4)
     assert out["bentham"].shape == (3, 10) and out["regret"].shape == (3,)
     assert ((out["bentham"] >= 0) & (out["bentham"] <= 1)).all()
     assert ((out["regret"] >= 0) & (out["regret"] <= 1)).all()
+    assert torch.equal(out["regret"], torch.sigmoid(logits["regret"]))  # the network gives logits
+    assert torch.equal(out["emotion"], logits["emotion"])  # emotion and SURD stay logits
 
 
 def test_padding_does_not_change_a_sample_output():
