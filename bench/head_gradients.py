@@ -61,7 +61,7 @@ def main() -> int:
     records = rng.sample(records, min(args.records, len(records)))
     tokenizer = Tokenizer(cfg.model.encoder, cfg.model.max_tokens)
     data = TaskData(records, tokenizer([r.text for r in records]))
-    source = FeatureSource(Encoder(cfg.model.encoder).to(device), data, device, dtype or torch.float32,
+    source = FeatureSource(Encoder.of(cfg.model).to(device), data, device, dtype or torch.float32,
                            tokenizer.pad_id, cache=False)
     rows = []
     for b in range(args.batches):

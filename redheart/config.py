@@ -37,6 +37,9 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in the backbone and towers (the encoder is frozen, no dropout)
     max_tokens: int = 256  # encoder tokens per text (longer texts are truncated)
     activation_checkpointing: bool = False  # recompute layer activations in backward to save memory
+    # The encoder's top N layers train with the network (from its pretrained weights, part of the
+    # backbone module, at train.encoder_lr_ratio of the LR); 0 = the whole encoder frozen
+    encoder_trainable: int = 0
 
 
 @dataclass
@@ -68,6 +71,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # share of all optimizer steps spent in linear warm-up
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     clip_norm: float = 1.0  # gradient clipping by global norm (0 = off)
+    encoder_lr_ratio: float = 0.1  # the trained encoder layers' LR as a share of lr (model.encoder_trainable)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp32
@@ -405,6 +409,8 @@ def _validate(cfg: Config) -> None:
     _check(m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden={m.hidden}", m.heads)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
     _check(m.max_tokens <= 512, "model.max_tokens", "the encoder reads at most 512 tokens", m.max_tokens)
+    _check(m.encoder_trainable >= 0, "model.encoder_trainable", "must be >= 0 (encoder layers trained)",
+           m.encoder_trainable)
     _check(d.max_records >= 0, "data.max_records", "must be >= 0", d.max_records)
     _check(d.max_train_records >= 0, "data.max_train_records", "must be >= 0", d.max_train_records)
     _check(0 < d.train_frac < 1, "data.train_frac", "must be in (0, 1)", d.train_frac)
@@ -422,6 +428,7 @@ def _validate(cfg: Config) -> None:
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
     _check(t.clip_norm >= 0, "train.clip_norm", "must be >= 0", t.clip_norm)
+    _check(0 < t.encoder_lr_ratio <= 10, "train.encoder_lr_ratio", "must be in (0, 10]", t.encoder_lr_ratio)
     _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision)
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
            "auto, cpu, cuda or cuda:N", t.device)

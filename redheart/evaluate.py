@@ -125,7 +125,7 @@ class Scorer:
         # the crossover model's temperature for the emotion shares, fitted on validation (analysis.py)
         self.temperature = float((ckpt.get("calibration") or {}).get("emotion_temperature", 1.0))
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
-        self.encoder = Encoder(self.cfg.model.encoder).to(self.device)
+        self.encoder = Encoder.of(self.cfg.model).to(self.device)
         self.dtype = amp_dtype(self.cfg, self.device)
         self.batch_size = batch_size
 

@@ -19,7 +19,7 @@ import torch
 from redheart.ckpt.io import atomic_write_text
 from redheart.ckpt.state import capture_rng, restore_rng, timestamp
 from redheart.data.dataset import epoch_plan
-from redheart.train.trainer import Trainer, build_optimizer, evaluate
+from redheart.train.trainer import Trainer, build_optimizer, evaluate, set_peak_lr
 
 log = logging.getLogger("redheart")
 
@@ -83,8 +83,7 @@ def _fresh_optimizer(trainer: Trainer, lr: float) -> torch.optim.Optimizer:
     opt = trainer.optimizer
     opt.state.clear()
     opt.sync_from_model()
-    for g in opt.param_groups:
-        g["lr"] = lr
+    set_peak_lr(opt, lr)
     return opt
 
 
