@@ -1,4 +1,4 @@
-"""Dataclass configs, the named presets, and `build_config` (a preset and its overrides).
+"""Dataclass configs, the named presets and the modes' defaults over them, and `build_config`.
 
 A `Config` is plain data: it is saved with every run (YAML) and inside every checkpoint (a
 dict), and rebuilt from either. Each section checks its own fields (`check`, beside them);
@@ -364,6 +364,43 @@ def preset(name: str) -> Config:
     elif name == "v1-320m":
         m.hidden, m.heads, m.layers, m.tower_layers, m.tower_mlp = 1024, 16, 12, 3, 2048
     return cfg
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A run_learning.sh mode's defaults: its preset, and settings over the preset's and the
+    --config files' (the flags and --set come after them)."""
+
+    presets: tuple[str, ...] = ("730m",)  # trained one after another (--preset names one instead)
+    cpu_preset: str | None = None  # instead of `presets` when there is no GPU (None: keep them)
+    samples: str | None = "train.epochs"  # the key that --samples N (or SAMPLES=N) sets; None: unused
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
+
+
+# The quick tests: an LR sweep, 2 epochs, and a snapshot every epoch so that Sweet Spot and
+# Crossover have a choice.
+QUICK_TEST = {"sweep.enabled": True, "sweep.steps": 20, "train.save_every": 1, "train.epochs": 2}
+MODES = {
+    "unified-test": Mode(cpu_preset="tiny", settings=QUICK_TEST),
+    "unified-train": Mode(),
+    "unified-test-v1": Mode(presets=("v1-800m", "v1-320m"), settings=QUICK_TEST),
+    "train-local": Mode(cpu_preset="tiny", samples="data.max_train_records", settings={
+        "data.max_train_records": 3, "memory.monitor": True, "train.epochs": 2, "train.log_every": 1}),
+    "validate": Mode(cpu_preset="tiny", samples=None),
+}
+# unified-test-v1 without a GPU (and without --max-records): a bounded check of each preset,
+# over everything else, at most V1_CPU_EPOCHS epochs
+V1_CPU_CHECK = {"data.max_records": 40, "train.grad_accum": 4, "sweep.enabled": False}
+V1_CPU_EPOCHS = 2
+
+
+def apply_mode(cfg: Config, mode: str, samples: int | None) -> None:
+    """The mode's settings, and --samples N (or SAMPLES=N) on the key it sets there."""
+    m = MODES[mode]
+    for key, value in m.settings.items():
+        set_value(cfg, key, value, origin=mode)
+    if samples is not None and m.samples:
+        set_value(cfg, m.samples, samples, origin="--samples")
 
 
 def build_config(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redheart import resume_flags
+from redheart import exitcodes, launch, resume_flags
 from redheart.ckpt import io as ckio
 from redheart.ckpt.lock import OutputDirBusy, OutputLock
 from redheart.ckpt.state import RunPaths, adopt_orphans, find_resume_state, read_registry, set_aside, timestamp
@@ -171,7 +171,7 @@ def open_run_everywhere(cfg: Config, opts: RunOptions, world, held: list[OutputL
         return cfg, paths, state, warm
     told = rdist.broadcast(None, world)
     if "error" in told:
-        raise SystemExit(2)  # rank 0 says what went wrong
+        raise SystemExit(exitcodes.USAGE)  # rank 0 says what went wrong
     device = cfg.train.device
     cfg = Config.from_dict(told["config"])
     cfg.train.device = device
@@ -403,8 +403,8 @@ def train(cfg: Config, opts: RunOptions) -> int:
         if world.active:
             cfg = _join_world(cfg, world)
         code = _train(cfg, opts, world, held)
-        if world.main and os.environ.get("REDHEART_EXIT_FILE"):  # the launcher returns rank 0's code
-            Path(os.environ["REDHEART_EXIT_FILE"]).write_text(str(code))
+        if world.main:
+            launch.tell_launcher(code)
         return code
     finally:
         signal.signal(signal.SIGTERM, handlers[0])
@@ -506,9 +506,9 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
             stopped = exc
         elif isinstance(exc, ckio.WriteFailed):  # before training, or a write of its own (a profiled step)
             stopped = TrainingStopped("stopped: a file could not be written" + (
-                "" if training[0] else " before training began"), None, code=75)
+                "" if training[0] else " before training began"), None, code=exitcodes.STOPPED)
         else:
-            stopped = TrainingStopped(f"stopped by {exc} before training began", None, code=75)
+            stopped = TrainingStopped(f"stopped by {exc} before training began", None, code=exitcodes.STOPPED)
         if world.main:
             if trainer is not None:
                 _write_side_files(trainer, paths)
@@ -527,7 +527,7 @@ def _train(cfg: Config, opts: RunOptions, world, held: list[OutputLock]) -> int:
                   "written: %s", stop.write_failure)
         log.error("free space there, then run it again: bash run_learning.sh crossover %s (or: bash "
                   "run_learning.sh %s --resume latest)", paths.root, opts.mode)
-        return 75
+        return exitcodes.STOPPED
 
 
 def _written(write: Callable[[], Any], what: str) -> Any:
