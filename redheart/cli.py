@@ -131,13 +131,13 @@ def evaluate(args) -> int:
 
 
 def crossover(args) -> int:
-    from redheart.analysis_cli import crossover_command
+    from redheart.analysis import crossover_command
 
     return crossover_command(args)
 
 
 def plot(args) -> int:
-    from redheart.analysis_cli import plot_command
+    from redheart.plots import plot_command
 
     return plot_command(args)
 
