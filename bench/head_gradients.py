@@ -23,7 +23,7 @@ from redheart.config import HEADS, parse_assignment, preset, set_value  # noqa: 
 from redheart.data.dataset import TaskData, split_records  # noqa: E402
 from redheart.data.features import FeatureSource  # noqa: E402
 from redheart.data.importers import load_data  # noqa: E402
-from redheart.model.build import model_from_checkpoint  # noqa: E402
+from redheart.ckpt.rebuild import model_from_checkpoint  # noqa: E402
 from redheart.model.encoder import Encoder, Tokenizer  # noqa: E402
 from redheart.model.network import RedHeartNet  # noqa: E402
 from redheart.train.diagnostics import head_gradients  # noqa: E402

@@ -31,7 +31,7 @@ from redheart.data.dataset import SPLITS, TaskData, split_of, split_records, tak
 from redheart.data.features import FeatureSource
 from redheart.data.importers import iter_lines, load_data
 from redheart.data.schema import DataError, Record
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
 from redheart.train.metrics import expected_calibration_error, head_metrics
 from redheart.train.trainer import amp_dtype, predict_split

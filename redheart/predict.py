@@ -22,7 +22,7 @@ import torch
 
 from redheart.data.dataset import TaskData, collate
 from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
 from redheart.model.network import head_values
 
