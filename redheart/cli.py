@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -176,9 +175,11 @@ def _make_config(args, mode: str, preset_name: str) -> Config:
             raise ConfigError(f"--batch-size: a whole number or auto (got {args.batch_size!r})") from None
         if size < 1:
             raise ConfigError(f"--batch-size: must be >= 1 (got {args.batch_size})")
+        from redheart.train.batching import accumulation
+
         eff = cfg.effective_batch
         cfg.train.micro_batch = size
-        cfg.train.grad_accum = max(1, math.ceil(eff / size))
+        cfg.train.grad_accum = accumulation(eff, size)
         if cfg.effective_batch != eff:
             log.warning("--batch-size %d does not divide the effective batch %d: it becomes %d",
                         size, eff, cfg.effective_batch)

@@ -25,7 +25,9 @@ from redheart.data.importers import LoadedData
 from redheart.runlog import Progress, duration, setup_logging
 from redheart.session import build_session
 from redheart.train import memory
-from redheart.train.trainer import StopFlag, Trainer, TrainingStopped, preflight
+from redheart.train.plan import preflight
+from redheart.train.stopping import StopFlag, TrainingStopped
+from redheart.train.trainer import Trainer
 
 log = logging.getLogger("redheart")
 
@@ -421,7 +423,7 @@ def _join_world(cfg: Config, world) -> Config:
     import torch
 
     from redheart import dist as rdist
-    from redheart.train.trainer import pick_device
+    from redheart.train.plan import pick_device
 
     device = pick_device(cfg.train.device)
     if device.type == "cuda":

@@ -21,7 +21,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise ckio.CheckpointError(f"{path} carries no config: cannot rebuild the model")
     cfg = Config.from_dict(ckpt["config"])
     if ckpt.get("weights") == "initial":  # a resume state saved before its first step keeps no weights
-        from redheart.train.trainer import rebuild_initial_weights
+        from redheart.train.checkpoints import rebuild_initial_weights
 
         torch.manual_seed(int(ckpt["initial_weights"]["seed"]))
         model = RedHeartNet(cfg.model)
