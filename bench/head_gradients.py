@@ -23,7 +23,7 @@ from redheart.config import HEADS, parse_assignment, preset, set_value  # noqa: 
 from redheart.data.dataset import TaskData, split_records  # noqa: E402
 from redheart.data.features import FeatureSource  # noqa: E402
 from redheart.data.importers import load_data  # noqa: E402
-from redheart.model.build import model_from_checkpoint  # noqa: E402
+from redheart.ckpt.rebuild import model_from_checkpoint  # noqa: E402
 from redheart.model.encoder import Encoder, Tokenizer  # noqa: E402
 from redheart.model.network import RedHeartNet  # noqa: E402
 from redheart.train.diagnostics import head_gradients  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> int:
     records = rng.sample(records, min(args.records, len(records)))
     tokenizer = Tokenizer(cfg.model.encoder, cfg.model.max_tokens)
     data = TaskData(records, tokenizer([r.text for r in records]))
-    source = FeatureSource(Encoder(cfg.model.encoder).to(device), data, device, dtype or torch.float32,
+    source = FeatureSource(Encoder.of(cfg.model).to(device), data, device, dtype or torch.float32,
                            tokenizer.pad_id, cache=False)
     rows = []
     for b in range(args.batches):

@@ -1,5 +1,5 @@
-"""After training (or alone on a finished run directory): the Sweet Spot files and the
-Parameter Crossover with its report of validation and test scores.
+"""After training (or alone on a finished run directory, `redheart crossover RUN_DIR`): the
+Sweet Spot files and the Parameter Crossover with its report of validation and test scores.
 
 Outputs: `sweet_spot_analysis/sweet_spot_analysis_<ts>.json`, `sweet_spot_report_<ts>.txt`,
 `plots/`; `checkpoints_final/crossover_final.pth` (+ `.safetensors`) and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +17,12 @@ from safetensors.torch import save_file
 
 from redheart.ckpt import io as ckio
 from redheart.ckpt.crossover import average_states, greedy_crossover
-from redheart.ckpt.state import RunPaths, read_registry, snapshot_entries, timestamp
+from redheart.ckpt.state import (RunPaths, newest_run, read_history, read_registry, snapshot_entries,
+                                 timestamp)
 from redheart.ckpt.sweetspot import analyse, best_epoch
 from redheart.config import MODULES, Config
 from redheart.model.network import RedHeartNet
+from redheart.overrides import parse_assignment, set_value
 from redheart.plots import plot_sweet_spot
 from redheart.session import Session
 from redheart.train.evaluation import evaluate, predict_split
@@ -173,6 +176,31 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     gain = result["base_score"] - result["score"]
     log.info("crossover: val loss %.4f -> %.4f (gain %.4f); wrote %s", result["base_score"], result["score"], gain, out_path)
     return report
+
+
+def crossover_command(args) -> int:
+    """`redheart crossover RUN_DIR`: Sweet Spot and Crossover on a run's snapshots, with the config
+    of its newest one (--set: sweetspot.* and crossover.* values); the result as JSON on stdout."""
+    from redheart.runlog import setup_logging
+    from redheart.session import build_session
+
+    root = Path(args.run_dir)
+    setup_logging(args.debug)
+    paths = RunPaths(root, newest_run(root, args.run_id))
+    entries = snapshot_entries(root, paths.run_id)
+    if not entries:
+        raise ckio.CheckpointError(f"run {paths.run_id} has no snapshot left in {paths.checkpoints}")
+    newest = max(entries, key=lambda e: e["epoch"])
+    cfg = Config.from_dict(ckio.load(newest["path"], newest.get("sha256"), mmap=True)["config"])
+    cfg.output_dir, cfg.train.device = str(root), args.device
+    for a in args.set:
+        k, v = parse_assignment(a)
+        set_value(cfg, k, v)
+    cfg.validate()
+    report = run_crossover(build_session(cfg), paths, read_history(paths), timestamp())
+    print(json.dumps({"crossover_file": report["crossover_file"], "sources": report["sources"],
+                      "val_loss": {k: v["val"].get("loss") for k, v in report["scores"].items()}}, indent=2))
+    return 0
 
 
 def evaluations(checkpoint, specs: list[str], device: torch.device) -> list[dict[str, Any]]:

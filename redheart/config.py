@@ -1,27 +1,27 @@
-"""Dataclass configs, the named presets, and overrides from YAML files and `key=value` pairs.
+"""Dataclass configs, the named presets and the modes' defaults over them, and `build_config`.
 
 A `Config` is plain data: it is saved with every run (YAML) and inside every checkpoint (a
-dict), and rebuilt from either. `Config.validate()` raises `ConfigError` naming the field.
+dict), and rebuilt from either. Each section checks its own fields (`check`, beside them);
+`Config.validate()` runs them all and the rules across sections, raising `ConfigError` naming
+the field. Overrides from YAML files and `key=value` pairs: `redheart.overrides`.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
+
+from redheart.overrides import ConfigError, apply_mapping, load_yaml, parse_assignment, set_value
 
 PRESETS = ("tiny", "730m", "v1-800m", "v1-320m")
 MODULES = ("backbone", "emotion", "bentham", "regret", "surd")
 HEADS = ("emotion", "bentham", "regret", "surd")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value, a bad override or an unreadable config file."""
+def _check(ok: bool, where: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg} (got {value!r})")
 
 
 @dataclass
@@ -37,6 +37,20 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in the backbone and towers (the encoder is frozen, no dropout)
     max_tokens: int = 256  # encoder tokens per text (longer texts are truncated)
     activation_checkpointing: bool = False  # recompute layer activations in backward to save memory
+    # The encoder's top N layers train with the network (from its pretrained weights, part of the
+    # backbone module, at train.encoder_lr_ratio of the LR); 0 = the whole encoder frozen
+    encoder_trainable: int = 0
+
+    def check(self) -> None:
+        for name in ("encoder_dim", "hidden", "layers", "heads", "ffn_mult", "tower_mlp", "max_tokens"):
+            v = getattr(self, name)
+            _check(v >= 1, f"model.{name}", "must be >= 1", v)
+        _check(self.tower_layers >= 0, "model.tower_layers", "must be >= 0", self.tower_layers)
+        _check(self.hidden % self.heads == 0, "model.heads", f"must divide model.hidden={self.hidden}", self.heads)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(self.max_tokens <= 512, "model.max_tokens", "the encoder reads at most 512 tokens", self.max_tokens)
+        _check(self.encoder_trainable >= 0, "model.encoder_trainable", "must be >= 0 (encoder layers trained)",
+               self.encoder_trainable)
 
 
 @dataclass
@@ -56,6 +70,16 @@ class DataConfig:
     encoder_cache: str = "auto"  # keep the frozen encoder's token states in memory: auto | on | off
     encoder_cache_gb: float = 4.0  # "auto" caches when the estimated cache is under this size
 
+    def check(self) -> None:
+        _check(self.max_records >= 0, "data.max_records", "must be >= 0", self.max_records)
+        _check(self.max_train_records >= 0, "data.max_train_records", "must be >= 0", self.max_train_records)
+        _check(0 < self.train_frac < 1, "data.train_frac", "must be in (0, 1)", self.train_frac)
+        _check(0 < self.val_frac < 1, "data.val_frac", "must be in (0, 1)", self.val_frac)
+        _check(self.train_frac + self.val_frac < 1, "data.val_frac", "train_frac + val_frac must leave a test split",
+               self.val_frac)
+        _check(self.length_group_steps >= 0, "data.length_group_steps", "must be >= 0", self.length_group_steps)
+        _check(self.encoder_cache in ("auto", "on", "off"), "data.encoder_cache", "auto, on or off", self.encoder_cache)
+
 
 @dataclass
 class TrainConfig:
@@ -68,6 +92,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # share of all optimizer steps spent in linear warm-up
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     clip_norm: float = 1.0  # gradient clipping by global norm (0 = off)
+    encoder_lr_ratio: float = 0.1  # the trained encoder layers' LR as a share of lr (model.encoder_trainable)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp32
@@ -81,6 +106,11 @@ class TrainConfig:
     eval_batch: int = 32  # samples per forward pass in validation (does not change any result)
     log_every: int = 10  # optimizer steps between progress lines (--verbose: every step)
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
+
+    # The runtime switches from here on: how the steps are computed, saved and shared rather
+    # than what the run learns. In `train` still, so that every saved config and every
+    # `--set train.X` key reads as before; their `auto` values are settled in redheart/train.
+
     # choose the largest micro-batch that fits (measured on a GPU, estimated on the CPU) and
     # recompute the accumulation; `--batch-size auto` (redheart/train/autobatch.py)
     auto_micro_batch: bool = False
@@ -140,6 +170,51 @@ class TrainConfig:
     # (redheart/dist.py GradReadiness); off: after the whole backward
     overlap_grad_reduce: bool = True
 
+    def check(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1", self.micro_batch)
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1", self.grad_accum)
+        _check(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
+        # torch takes 64 bits; data order x 1e6
+        _check(0 <= self.seed < 2**32, "train.seed", "must be in [0, 2**32)", self.seed)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two values in [0, 1)",
+               self.betas)
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        _check(self.clip_norm >= 0, "train.clip_norm", "must be >= 0", self.clip_norm)
+        _check(0 < self.encoder_lr_ratio <= 10, "train.encoder_lr_ratio", "must be in (0, 10]", self.encoder_lr_ratio)
+        _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", self.precision)
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device",
+               "auto, cpu, cuda or cuda:N", self.device)
+        _check(self.save_every >= 1, "train.save_every", "must be >= 1", self.save_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        _check(self.snapshot_dtype in ("bf16", "fp32"), "train.snapshot_dtype", "bf16 or fp32", self.snapshot_dtype)
+        _check(self.snapshot_weights in ("raw", "ema"), "train.snapshot_weights", "raw or ema", self.snapshot_weights)
+        _check(set(self.head_weights) == set(HEADS), "train.head_weights", f"exactly the heads {HEADS}",
+               sorted(self.head_weights))
+        for h, w in self.head_weights.items():
+            _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
+        _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens)
+        for name in ("cuda_graphs", "bf16_weights", "async_save", "packing"):
+            v = getattr(self, name)
+            _check(v in ("auto", "on", "off"), f"train.{name}", "auto, on or off", v)
+        _check(self.compile_wrapper in ("auto", "cpp", "python"), "train.compile_wrapper", "auto, cpp or python",
+               self.compile_wrapper)
+        _check(self.packed_attention in ("auto", "varlen", "padded"), "train.packed_attention",
+               "auto, varlen or padded", self.packed_attention)
+        _check(not (self.packed_attention == "varlen" and self.cuda_graphs == "on"), "train.packed_attention",
+               "varlen is not replayed by CUDA graphs (train.cuda_graphs=on)", self.packed_attention)
+        _check(self.finite_check in ("auto", "sync", "deferred"), "train.finite_check", "auto, sync or deferred",
+               self.finite_check)
+        _check(self.grad_reduce in ("fp32", "bf16"), "train.grad_reduce", "fp32 or bf16", self.grad_reduce)
+        _check(self.eval_batch >= 1, "train.eval_batch", "must be >= 1", self.eval_batch)
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
+        _check(self.profile_step >= 0, "train.profile_step", "must be >= 0 (0: no profile)", self.profile_step)
+        _check(self.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", self.resume_states_kept)
+        _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", self.parallel)
+
 
 @dataclass
 class TechniqueConfig:
@@ -159,6 +234,15 @@ class TechniqueConfig:
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) so early steps are not frozen at init
     ema_device: str = "same"  # same (as the model) | cpu
 
+    def check(self) -> None:
+        _check(0 <= self.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(self.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", self.rdrop_alpha)
+        _check(self.value_loss in ("bce", "mse"), "tech.value_loss", "bce or mse", self.value_loss)
+        _check(0 < self.vote_overdispersion <= 1, "tech.vote_overdispersion", "must be in (0, 1]",
+               self.vote_overdispersion)
+        _check(0 <= self.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.ema_device in ("same", "cpu"), "tech.ema_device", "same or cpu", self.ema_device)
+
 
 @dataclass
 class SweepConfig:
@@ -171,12 +255,25 @@ class SweepConfig:
     score_last: int = 3  # score = mean validation loss of the last N evaluations
     refine: bool = False  # a second round of 3 rates around the winner
 
+    def check(self) -> None:
+        _check(0 < self.lr_min < self.lr_max < 1, "sweep.lr_min", "need 0 < lr_min < lr_max < 1",
+               (self.lr_min, self.lr_max))
+        _check(self.points >= 2, "sweep.points", "must be >= 2", self.points)
+        _check(self.steps >= 1, "sweep.steps", "must be >= 1", self.steps)
+        _check(1 <= self.eval_every <= self.steps, "sweep.eval_every", "must be in [1, sweep.steps]", self.eval_every)
+        _check(self.score_last >= 1, "sweep.score_last", "must be >= 1", self.score_last)
+
 
 @dataclass
 class SweetSpotConfig:
     smoothing: int = 3  # centred moving-average window over epochs (1 = none)
     tolerance: float = 0.01  # relative distance to the best smoothed value that counts as the plateau
     trend_alpha: float = 0.05  # Mann-Kendall significance for "still improving at the end"
+
+    def check(self) -> None:
+        _check(self.smoothing >= 1, "sweetspot.smoothing", "must be >= 1", self.smoothing)
+        _check(self.tolerance >= 0, "sweetspot.tolerance", "must be >= 0", self.tolerance)
+        _check(0 < self.trend_alpha < 1, "sweetspot.trend_alpha", "must be in (0, 1)", self.trend_alpha)
 
 
 @dataclass
@@ -185,12 +282,19 @@ class CrossoverConfig:
     average_neighbors: bool = False  # also try the mean of the module's weights over the snapshots around its sweet spot
     min_gain: float = 0.0  # a swap is kept only if the combined validation loss falls by more than this
 
+    def check(self) -> None:
+        _check(self.min_gain >= 0, "crossover.min_gain", "must be >= 0", self.min_gain)
+
 
 @dataclass
 class MemoryConfig:
     swap: str = "auto"  # Dynamic Swap Manager: auto (on when the estimate exceeds the GPU) | on | off
     max_oom_retries: int = 4  # halvings of the micro-batch before the swap manager, then a clean stop
     monitor: bool = False  # sample memory every step (train-local turns it on)
+
+    def check(self) -> None:
+        _check(self.swap in ("auto", "on", "off"), "memory.swap", "auto, on or off", self.swap)
+        _check(self.max_oom_retries >= 0, "memory.max_oom_retries", "must be >= 0", self.max_oom_retries)
 
 
 @dataclass
@@ -224,8 +328,31 @@ class Config:
         return cfg
 
     def validate(self) -> "Config":
-        _validate(self)
+        """Every section's own checks, and the rules across sections; the first bad value raises."""
+        _check(self.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", self.preset)
+        self.model.check()
+        self.data.check()
+        self.train.check()
+        if self.train.parallel == "fsdp":
+            self._check_fsdp()
+        for section in (self.tech, self.sweep, self.sweetspot, self.crossover, self.memory):
+            section.check()
         return self
+
+    def _check_fsdp(self) -> None:
+        """What FSDP2 (weights, gradients and optimizer state sharded) cannot run with."""
+        t = self.train
+        _check(not t.compile, "train.compile", "not available with train.parallel=fsdp", t.compile)
+        _check(t.cuda_graphs != "on", "train.cuda_graphs", "auto or off with train.parallel=fsdp "
+               "(FSDP gathers weights in every forward: no CUDA graphs)", t.cuda_graphs)
+        _check(t.bf16_weights != "on", "train.bf16_weights", "auto or off with train.parallel=fsdp "
+               "(FSDP gathers the weights for every forward)", t.bf16_weights)
+        _check(self.memory.swap != "on", "memory.swap", "auto or off with train.parallel=fsdp "
+               "(FSDP shards the optimizer state instead)", self.memory.swap)
+        _check(self.tech.ema_device == "same", "tech.ema_device", "same with train.parallel=fsdp "
+               "(the average is sharded like the weights)", self.tech.ema_device)
+        _check(t.grad_reduce == "fp32", "train.grad_reduce", "fp32 with train.parallel=fsdp "
+               "(FSDP reduce-scatters the gradients itself)", t.grad_reduce)
 
 
 def preset(name: str) -> Config:
@@ -246,126 +373,41 @@ def preset(name: str) -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------
-# Overrides
+@dataclass(frozen=True)
+class Mode:
+    """A run_learning.sh mode's defaults: its preset, and settings over the preset's and the
+    --config files' (the flags and --set come after them)."""
+
+    presets: tuple[str, ...] = ("730m",)  # trained one after another (--preset names one instead)
+    cpu_preset: str | None = None  # instead of `presets` when there is no GPU (None: keep them)
+    samples: str | None = "train.epochs"  # the key that --samples N (or SAMPLES=N) sets; None: unused
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
 
 
-def _field_types(obj: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(obj))
-    return {f.name: hints[f.name] for f in fields(obj)}
+# The quick tests: an LR sweep, 2 epochs, and a snapshot every epoch so that Sweet Spot and
+# Crossover have a choice.
+QUICK_TEST = {"sweep.enabled": True, "sweep.steps": 20, "train.save_every": 1, "train.epochs": 2}
+MODES = {
+    "unified-test": Mode(cpu_preset="tiny", settings=QUICK_TEST),
+    "unified-train": Mode(),
+    "unified-test-v1": Mode(presets=("v1-800m", "v1-320m"), settings=QUICK_TEST),
+    "train-local": Mode(cpu_preset="tiny", samples="data.max_train_records", settings={
+        "data.max_train_records": 3, "memory.monitor": True, "train.epochs": 2, "train.log_every": 1}),
+    "validate": Mode(cpu_preset="tiny", samples=None),
+}
+# unified-test-v1 without a GPU (and without --max-records): a bounded check of each preset,
+# over everything else, at most V1_CPU_EPOCHS epochs
+V1_CPU_CHECK = {"data.max_records": 40, "train.grad_accum": 4, "sweep.enabled": False}
+V1_CPU_EPOCHS = 2
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)  # digits, exactly (through a float a large number would change)
-            except ValueError:
-                pass
-        try:
-            f = float(value)  # 1e3, 2.0
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (and yes/no) as a boolean
-            return "on" if value else "off"
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if origin is list:
-        (item,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, vtyp = typing.get_args(typ)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, vtyp, f"{where}.{k}") for k, v in value.items()}
-    raise ConfigError(f"{where}: unsupported field type {typ}")
-
-
-def set_value(cfg: Config, key: str, value: Any, origin: str = "--set") -> None:
-    """Set one dotted key (`train.lr`, `train.head_weights.surd`) with type checks."""
-    nested: Any = value
-    for part in reversed(key.split(".")):
-        nested = {part: nested}
-    apply_mapping(cfg, nested, origin)
-
-
-def apply_mapping(obj: Any, data: Any, origin: str, prefix: str = "") -> None:
-    """Merge a nested mapping of config keys into a config (section by section)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    types = _field_types(obj)
-    for k, v in data.items():
-        where = f"{origin}: {prefix}{k}"
-        if k not in types:
-            raise ConfigError(f"{origin}: unknown config key {prefix + str(k)!r} "
-                              f"(known here: {', '.join(types)})")
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            apply_mapping(current, v, origin, prefix=f"{prefix}{k}.")
-        elif typing.get_origin(types[k]) is dict and isinstance(v, dict):
-            merged = dict(current)
-            merged.update(_coerce(v, types[k], where))
-            setattr(obj, k, merged)
-        else:
-            setattr(obj, k, _coerce(v, types[k], where))
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """`train.lr=3e-4` -> ("train.lr", 3e-4); the value is read as YAML (numbers, lists, true/false)."""
-    if "=" not in text:
-        raise ConfigError(f"--set: expected key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: no such file: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a UTF-8 text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
-    return data
+def apply_mode(cfg: Config, mode: str, samples: int | None) -> None:
+    """The mode's settings, and --samples N (or SAMPLES=N) on the key it sets there."""
+    m = MODES[mode]
+    for key, value in m.settings.items():
+        set_value(cfg, key, value, origin=mode)
+    if samples is not None and m.samples:
+        set_value(cfg, m.samples, samples, origin="--samples")
 
 
 def build_config(
@@ -384,106 +426,3 @@ def build_config(
         key, value = parse_assignment(a)
         set_value(cfg, key, value)
     return cfg.validate()
-
-
-# ---------------------------------------------------------------------------------------
-# Validation
-
-
-def _check(ok: bool, where: str, msg: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{where}: {msg} (got {value!r})")
-
-
-def _validate(cfg: Config) -> None:
-    _check(cfg.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", cfg.preset)
-    m, d, t, x, s = cfg.model, cfg.data, cfg.train, cfg.tech, cfg.sweep
-    for name in ("encoder_dim", "hidden", "layers", "heads", "ffn_mult", "tower_mlp", "max_tokens"):
-        v = getattr(m, name)
-        _check(v >= 1, f"model.{name}", "must be >= 1", v)
-    _check(m.tower_layers >= 0, "model.tower_layers", "must be >= 0", m.tower_layers)
-    _check(m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden={m.hidden}", m.heads)
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
-    _check(m.max_tokens <= 512, "model.max_tokens", "the encoder reads at most 512 tokens", m.max_tokens)
-    _check(d.max_records >= 0, "data.max_records", "must be >= 0", d.max_records)
-    _check(d.max_train_records >= 0, "data.max_train_records", "must be >= 0", d.max_train_records)
-    _check(0 < d.train_frac < 1, "data.train_frac", "must be in (0, 1)", d.train_frac)
-    _check(0 < d.val_frac < 1, "data.val_frac", "must be in (0, 1)", d.val_frac)
-    _check(d.train_frac + d.val_frac < 1, "data.val_frac", "train_frac + val_frac must leave a test split", d.val_frac)
-    _check(d.length_group_steps >= 0, "data.length_group_steps", "must be >= 0", d.length_group_steps)
-    _check(d.encoder_cache in ("auto", "on", "off"), "data.encoder_cache", "auto, on or off", d.encoder_cache)
-    _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
-    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1", t.micro_batch)
-    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1", t.grad_accum)
-    _check(0 < t.lr < 1, "train.lr", "must be in (0, 1)", t.lr)
-    _check(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)", t.seed)  # torch takes 64 bits; data order x 1e6
-    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)", t.betas)
-    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
-    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
-    _check(t.clip_norm >= 0, "train.clip_norm", "must be >= 0", t.clip_norm)
-    _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision)
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
-           "auto, cpu, cuda or cuda:N", t.device)
-    _check(t.save_every >= 1, "train.save_every", "must be >= 1", t.save_every)
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", t.keep_checkpoints)
-    _check(t.snapshot_dtype in ("bf16", "fp32"), "train.snapshot_dtype", "bf16 or fp32", t.snapshot_dtype)
-    _check(t.snapshot_weights in ("raw", "ema"), "train.snapshot_weights", "raw or ema", t.snapshot_weights)
-    _check(set(t.head_weights) == set(HEADS), "train.head_weights", f"exactly the heads {HEADS}",
-           sorted(t.head_weights))
-    for h, w in t.head_weights.items():
-        _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
-    _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", t.micro_batch_tokens)
-    _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "auto, on or off", t.cuda_graphs)
-    _check(t.bf16_weights in ("auto", "on", "off"), "train.bf16_weights", "auto, on or off", t.bf16_weights)
-    _check(t.async_save in ("auto", "on", "off"), "train.async_save", "auto, on or off", t.async_save)
-    _check(t.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", t.packing)
-    _check(t.compile_wrapper in ("auto", "cpp", "python"), "train.compile_wrapper", "auto, cpp or python",
-           t.compile_wrapper)
-    _check(t.packed_attention in ("auto", "varlen", "padded"), "train.packed_attention", "auto, varlen or padded",
-           t.packed_attention)
-    _check(not (t.packed_attention == "varlen" and t.cuda_graphs == "on"), "train.packed_attention",
-           "varlen is not replayed by CUDA graphs (train.cuda_graphs=on)", t.packed_attention)
-    _check(t.finite_check in ("auto", "sync", "deferred"), "train.finite_check", "auto, sync or deferred",
-           t.finite_check)
-    _check(t.grad_reduce in ("fp32", "bf16"), "train.grad_reduce", "fp32 or bf16", t.grad_reduce)
-    _check(t.eval_batch >= 1, "train.eval_batch", "must be >= 1", t.eval_batch)
-    _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
-    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
-    _check(t.profile_step >= 0, "train.profile_step", "must be >= 0 (0: no profile)", t.profile_step)
-    _check(t.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", t.resume_states_kept)
-    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)
-    if t.parallel == "fsdp":
-        _check(not t.compile, "train.compile", "not available with train.parallel=fsdp", t.compile)
-        _check(t.cuda_graphs != "on", "train.cuda_graphs", "auto or off with train.parallel=fsdp "
-               "(FSDP gathers weights in every forward: no CUDA graphs)", t.cuda_graphs)
-        _check(t.bf16_weights != "on", "train.bf16_weights", "auto or off with train.parallel=fsdp "
-               "(FSDP gathers the weights for every forward)", t.bf16_weights)
-        _check(cfg.memory.swap != "on", "memory.swap", "auto or off with train.parallel=fsdp "
-               "(FSDP shards the optimizer state instead)", cfg.memory.swap)
-        _check(cfg.tech.ema_device == "same", "tech.ema_device", "same with train.parallel=fsdp "
-               "(the average is sharded like the weights)", cfg.tech.ema_device)
-        _check(t.grad_reduce == "fp32", "train.grad_reduce", "fp32 with train.parallel=fsdp "
-               "(FSDP reduce-scatters the gradients itself)", t.grad_reduce)
-    _check(0 <= x.label_smoothing < 1, "tech.label_smoothing", "must be in [0, 1)", x.label_smoothing)
-    _check(x.rdrop_alpha >= 0, "tech.rdrop_alpha", "must be >= 0", x.rdrop_alpha)
-    _check(x.value_loss in ("bce", "mse"), "tech.value_loss", "bce or mse", x.value_loss)
-    _check(0 < x.vote_overdispersion <= 1, "tech.vote_overdispersion", "must be in (0, 1]", x.vote_overdispersion)
-    _check(0 <= x.ema_decay < 1, "tech.ema_decay", "must be in [0, 1)", x.ema_decay)
-    _check(x.ema_device in ("same", "cpu"), "tech.ema_device", "same or cpu", x.ema_device)
-    _check(0 < s.lr_min < s.lr_max < 1, "sweep.lr_min", "need 0 < lr_min < lr_max < 1", (s.lr_min, s.lr_max))
-    _check(s.points >= 2, "sweep.points", "must be >= 2", s.points)
-    _check(s.steps >= 1, "sweep.steps", "must be >= 1", s.steps)
-    _check(1 <= s.eval_every <= s.steps, "sweep.eval_every", "must be in [1, sweep.steps]", s.eval_every)
-    _check(s.score_last >= 1, "sweep.score_last", "must be >= 1", s.score_last)
-    _check(cfg.sweetspot.smoothing >= 1, "sweetspot.smoothing", "must be >= 1", cfg.sweetspot.smoothing)
-    _check(cfg.sweetspot.tolerance >= 0, "sweetspot.tolerance", "must be >= 0", cfg.sweetspot.tolerance)
-    _check(0 < cfg.sweetspot.trend_alpha < 1, "sweetspot.trend_alpha", "must be in (0, 1)",
-           cfg.sweetspot.trend_alpha)
-    _check(cfg.crossover.min_gain >= 0, "crossover.min_gain", "must be >= 0", cfg.crossover.min_gain)
-    _check(cfg.memory.swap in ("auto", "on", "off"), "memory.swap", "auto, on or off", cfg.memory.swap)
-    _check(cfg.memory.max_oom_retries >= 0, "memory.max_oom_retries", "must be >= 0", cfg.memory.max_oom_retries)
-
-
-def copy_config(cfg: Config) -> Config:
-    return copy.deepcopy(cfg)

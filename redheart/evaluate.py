@@ -31,7 +31,7 @@ from redheart.data.dataset import SPLITS, TaskData, split_of, split_records, tak
 from redheart.data.features import FeatureSource
 from redheart.data.importers import iter_lines, load_data
 from redheart.data.schema import DataError, Record
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
 from redheart.train.evaluation import predict_split
 from redheart.train.metrics import expected_calibration_error, head_metrics
@@ -126,7 +126,7 @@ class Scorer:
         # the crossover model's temperature for the emotion shares, fitted on validation (analysis.py)
         self.temperature = float((ckpt.get("calibration") or {}).get("emotion_temperature", 1.0))
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
-        self.encoder = Encoder(self.cfg.model.encoder).to(self.device)
+        self.encoder = Encoder.of(self.cfg.model).to(self.device)
         self.dtype = amp_dtype(self.cfg, self.device)
         self.batch_size = batch_size
 

@@ -1,12 +1,16 @@
 """Plots (matplotlib, PNG) in one style: the LR sweep, each module's Sweet Spot, the training
 curves of a run from its metrics record, and memory over steps.
 
+`redheart plot RUN_DIR` (`plot_command`) redraws a run's training curves and prints one JSON
+line: {"path": PNG, "panels": number of panels drawn with data}.
+
 The style: integer ticks on epoch axes, units in the axis labels, log scales for learning
 rates, and legends outside the data (beside the axes, above the panels, or in headroom the
 axes keep free for them), so no curve is hidden behind one.
 """
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -276,3 +280,23 @@ def plot_memory(samples: list[dict[str, float]], path: Path) -> str:
         _integer_x(ax)
         _legend_beside(ax)
         return _save(fig, path)
+
+
+def plot_command(args) -> int:
+    """`redheart plot RUN_DIR`: the training curves of the run (--run-id, or the newest), with
+    the sweet spots of its newest Sweet Spot analysis when there is one."""
+    from redheart.ckpt.state import RunPaths, newest_run, read_history
+
+    root = Path(args.run_dir)
+    paths = RunPaths(root, newest_run(root, args.run_id))
+    history = read_history(paths)
+    spots = None
+    analyses = sorted(paths.sweetspot.glob("sweet_spot_analysis_*.json"), key=lambda p: p.stat().st_mtime)
+    for p in reversed(analyses):
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if doc.get("run_id") == paths.run_id:
+            spots = doc["modules"]
+            break
+    out = Path(args.out) if args.out else paths.logs / f"training_curves_{paths.run_id}.png"
+    print(json.dumps(plot_training_curves(history, out, spots, dpi=args.dpi)))
+    return 0

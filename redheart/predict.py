@@ -22,7 +22,7 @@ import torch
 
 from redheart.data.dataset import TaskData, collate
 from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
 from redheart.model.network import head_values
 
@@ -56,7 +56,7 @@ class Predictor:
         # the emotion temperature fitted on validation after the crossover (1: other checkpoints)
         self.temperature = float((ckpt.get("calibration") or {}).get("emotion_temperature", 1.0))
         self.tokenizer = Tokenizer(self.cfg.model.encoder, self.cfg.model.max_tokens)
-        self.encoder = Encoder(self.cfg.model.encoder).to(self.device, torch.float32)
+        self.encoder = Encoder.of(self.cfg.model).to(self.device, torch.float32)
         self.batch_size = batch_size
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ class Session:
 
 def load_encoder(cfg: Config, device: torch.device) -> tuple[Tokenizer, Encoder]:
     tokenizer = Tokenizer(cfg.model.encoder, cfg.model.max_tokens)
-    encoder = Encoder(cfg.model.encoder)
+    encoder = Encoder.of(cfg.model)
     if encoder.dim != cfg.model.encoder_dim:
         raise EncoderError(f"encoder {cfg.model.encoder!r} gives {encoder.dim}-d token states but "
                            f"model.encoder_dim is {cfg.model.encoder_dim}: set --set model.encoder_dim={encoder.dim}")

@@ -21,7 +21,7 @@ from redheart.ckpt.state import capture_rng, restore_rng, timestamp
 from redheart.data.dataset import epoch_plan
 from redheart.train.evaluation import evaluate
 from redheart.train.trainer import Trainer
-from redheart.train.update import build_optimizer
+from redheart.train.update import build_optimizer, set_peak_lr
 
 log = logging.getLogger("redheart")
 
@@ -85,8 +85,7 @@ def _fresh_optimizer(trainer: Trainer, lr: float) -> torch.optim.Optimizer:
     opt = trainer.optimizer
     opt.state.clear()
     opt.sync_from_model()
-    for g in opt.param_groups:
-        g["lr"] = lr
+    set_peak_lr(opt, lr)
     return opt
 
 

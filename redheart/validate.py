@@ -133,7 +133,7 @@ def check_encoder(cfg: Config) -> tuple[str, str]:
 
     t = time.time()
     tok = Tokenizer(cfg.model.encoder, cfg.model.max_tokens)
-    enc = Encoder(cfg.model.encoder)
+    enc = Encoder.of(cfg.model)
     ids = tok(["validate the encoder"])
     out = enc(torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.bool))
     if out.shape[-1] != cfg.model.encoder_dim:

@@ -114,3 +114,26 @@ def test_the_count_is_the_work_that_runs(trainer, without):
     if without is not None:  # counting the idle tower would overstate the work
         every_head = train_flops(trainer.cfg.model, lengths, rdrop, encoder_runs=False)
         assert every_head / measured > 1.05
+
+
+def test_the_count_of_the_encoders_trained_top_layers_is_the_work_that_runs(tmp_path):
+    """`model.encoder_trainable`: the encoder's top layers run in the network, forward and
+    backward, on R-Drop's doubled batch (their shape is the frozen encoder's, so the same
+    count serves the frozen layers)."""
+    from redheart.ckpt.state import RunPaths
+    from redheart.session import build_session
+    from redheart.train.flops import train_flops
+    from redheart.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, data__max_records=60, train__device="cpu", train__micro_batch=8, train__grad_accum=1,
+                      train__packing="off", model__encoder_trainable=2)
+    session = build_session(cfg)
+    trainer = Trainer(cfg, RunPaths(tmp_path, "flops"), session.data, session.features, session.device)
+    step = _equal_length_step(trainer)
+    heads = trainer.towers_run(trainer.train_data.head_counts(step))
+    measured = _measured(trainer, step)
+    lengths = trainer.train_data.lengths[step].tolist()
+    counted = train_flops(cfg.model, lengths, True, encoder_runs=False, heads=heads)
+    assert abs(counted - measured) / measured < 0.01, (counted, measured)
+    cfg.model.encoder_trainable = 0
+    assert train_flops(cfg.model, lengths, True, encoder_runs=False, heads=heads) < 0.95 * measured

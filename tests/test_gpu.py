@@ -7,6 +7,8 @@ rows leaked into the result, would give other losses and gradients than the eage
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -571,3 +573,27 @@ def test_measuring_the_heaviest_micro_batch_on_the_gpu(tmp_path):
     assert peak is not None and peak * 2**30 > (4 + 8 + 4) * params
     est = memory.estimate(cfg, params, **trainer.memory_profile)
     assert peak < est["total_gib"] + 0.5
+
+
+def test_a_compiled_gpu_run_under_gnu_timeout_stops_with_a_resumable_state(tmp_path):
+    """As bench/full_run.sh stops a long run between device calls: GNU `timeout -s TERM` sends
+    SIGTERM to the run and to its process group (Inductor's compile workers too). The run must
+    say so, save a resume state as of its last step and resume from it. (On the lent H100 a
+    compiled 730m run so stopped left no state and no message, 2026-12-08.)"""
+    import subprocess
+
+    from helpers import ROOT, read_log
+
+    out = tmp_path / "run"
+    cmd = ["timeout", "-s", "TERM", "90", sys.executable, "-m", "redheart", "unified-train", "--preset", "tiny",
+           "--epochs", "500", "--no-lr-sweep", "--batch-size", "64", "--set", "train.compile=true",
+           "--set", "train.micro_batch=64", "--set", "train.grad_accum=1", "--output-dir", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    log = read_log(out)
+    assert done.returncode == 124, done.stderr[-3000:]  # timeout's own code: the time ran out
+    assert "SIGTERM received" in log, log[-3000:]
+    assert list((out / "checkpoints_final").glob("resume_state_*.pt")), log[-3000:]
+    cmd[3] = "60"
+    again = subprocess.run(cmd + ["--resume", "latest"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert "resumed run" in read_log(out), again.stderr[-3000:]

@@ -633,7 +633,7 @@ def _snippet_code(code: str, shared: Shared) -> str:
     if re.search(r"\bmodel\.", code) and not re.search(r"^\s*model\s*=", code, re.M):
         # the guide's `model` (the user's network): the model the run trained, rebuilt
         final = str(shared.out / "checkpoints_final" / "crossover_final.pth")
-        pre = ("from redheart.model.build import model_from_checkpoint\n"
+        pre = ("from redheart.ckpt.rebuild import model_from_checkpoint\n"
                f"model, _, _ = model_from_checkpoint({final!r})\n")
     if "load_state_dict(checkpoint['model_state'])" in code:
         post = ("\nimport torch as _t\n_s = model.state_dict()\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from redheart.ckpt.state import read_registry
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.network import RedHeartNet
 
 from helpers import newest_state, run, tiny_config

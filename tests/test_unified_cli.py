@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from redheart.model.build import model_from_checkpoint
+from redheart.ckpt.rebuild import model_from_checkpoint
 
 from helpers import cli, newest_state
 

@@ -53,7 +53,7 @@ def quick_checks() -> list[tuple[str, callable]]:
 
     def encoder():
         tok = Tokenizer(cfg.model.encoder, cfg.model.max_tokens)
-        enc = Encoder(cfg.model.encoder)
+        enc = Encoder.of(cfg.model)
         recs = state["records"]
         td = TaskData(recs, tok([r.text for r in recs]))
         b = collate(td, list(range(len(recs))), tok.pad_id)

@@ -342,3 +342,26 @@ def snapshot_entries(root: Path, run_id: str | None = None) -> list[dict[str, An
     """metadata.json entries (optionally of one run) whose files still exist."""
     entries = read_metadata(Path(root) / "checkpoints_final")
     return [e for e in entries if (run_id is None or e.get("run_id") == run_id) and Path(e["path"]).is_file()]
+
+
+def newest_run(root: Path, run_id: str | None) -> str:
+    """`run_id`, or the run of the newest snapshot in `root`, or of its newest metrics record."""
+    if run_id:
+        return run_id
+    entries = snapshot_entries(root)
+    if entries:
+        return max(entries, key=lambda e: e["timestamp"])["run_id"]
+    metrics = sorted((root / "logs").glob("metrics_*.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not metrics:
+        raise CheckpointError(f"{root} holds no run (no metadata.json entries, no logs/metrics_*.jsonl)")
+    return metrics[-1].stem.removeprefix("metrics_")
+
+
+def read_history(paths: RunPaths) -> list[dict[str, Any]]:
+    """The run's metrics record: one dict per epoch."""
+    if not paths.metrics_file.is_file():
+        raise CheckpointError(f"no metrics record {paths.metrics_file}")
+    history = [json.loads(line) for line in paths.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not history:
+        raise CheckpointError(f"{paths.metrics_file} holds no epoch yet: nothing to plot")
+    return history

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from redheart.config import MODULES, Config
-from redheart.train.metrics import MODULE_METRIC
+
+# Which metric each module is judged by, and whether higher is better.
+MODULE_METRIC = {
+    "backbone": ("loss", False),
+    "emotion": ("emotion_loss", False),
+    "bentham": ("bentham_loss", False),
+    "regret": ("regret_loss", False),
+    "surd": ("surd_loss", False),
+}
 
 
 def _running(values: np.ndarray, window: int, fn) -> np.ndarray:

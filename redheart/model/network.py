@@ -18,6 +18,9 @@ from redheart.model.packing import Packing, pack, unpack
 from redheart.model.varlen import varlen_attention
 
 HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
+# The encoder's top layers when they are trained (model.encoder_trainable): part of the backbone
+# module (its sweet spot, its crossover), at their own LR (trainer.param_groups).
+ENCODER_TOP = "backbone.encoder_top."
 # Heads whose values lie in [0, 1]: the network gives their logits (a loss on the logits keeps a
 # gradient where the sigmoid saturates, losses.py), and `head_values` maps them to [0, 1].
 BOUNDED_HEADS = ("bentham", "regret")
@@ -100,9 +103,12 @@ class Backbone(nn.Module):
         self.proj = Linear(cfg.encoder_dim, cfg.hidden)
         self.stack = Stack(cfg, cfg.layers)
         self.norm = nn.LayerNorm(cfg.hidden)
+        self.encoder_top: nn.Module | None = None  # RedHeartNet sets it (after the random init)
 
     def forward(self, states: torch.Tensor, attn_mask: torch.Tensor | None,
                 packing: Packing | None = None) -> torch.Tensor:
+        if self.encoder_top is not None:  # in the padded layout, before any packing
+            states = self.encoder_top(states, attn_mask)
         if packing is None:
             return self.norm(self.stack(self.proj(states), attn_mask))
         return self.norm(self.stack(self.proj(packing.pack(states)), attn_mask, packing.index, packing.cu))
@@ -158,6 +164,12 @@ class RedHeartNet(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "fc2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(depth, 1)))
+        if cfg.encoder_trainable:  # the encoder's own top layers, with its pretrained weights
+            from redheart.model.bert import BertTop
+            from redheart.model.encoder import encoder_dir
+
+            with torch.random.fork_rng(devices=[]):  # building them draws nothing from the run's stream
+                self.backbone.encoder_top = BertTop(encoder_dir(cfg.encoder), cfg.encoder_trainable, cfg.dropout)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

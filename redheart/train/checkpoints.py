@@ -34,38 +34,6 @@ def detached_copy(tree: Any) -> Any:
     return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), tree)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> dict[str, int]:
-    """Per tensor, the integer sum of its bits (as 32-bit words): the same for the same weights
-    whatever the order of the sum, different for other initial weights (another PyTorch, device
-    or config); read on `restore` of a state that keeps no weights."""
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().contiguous().flatten()
-        words = t.view(torch.int32) if t.element_size() == 4 else t.view(torch.uint8)
-        out[name] = int(words.sum(dtype=torch.int64))
-    return out
-
-
-def rebuild_initial_weights(cfg: Config, init: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The seed's initial weights of a state saved before its first step: None when `model`
-    holds them (its fingerprint matches: the trainer was built the same way), else rebuilt on
-    the device type they were made on (the CPU); CheckpointError if neither gives them."""
-    want = {k: int(v) for k, v in init["fingerprint"].items()}
-    if weights_fingerprint(model) == want:
-        return None
-    if init.get("device") == "cpu":
-        torch.manual_seed(int(init["seed"]))
-        with torch.device("cpu"):
-            rebuilt = RedHeartNet(cfg.model)
-        torch.manual_seed(cfg.train.seed + 1)  # as the trainer leaves it (restore then sets the saved streams)
-        if weights_fingerprint(rebuilt) == want:
-            return rebuilt.state_dict()
-    raise ckio.CheckpointError(
-        f"this resume state was saved before its first optimizer step, and keeps no weights: they are the "
-        f"initial weights of seed {init['seed']} on {init.get('device')}, which this machine does not rebuild the "
-        f"same (another PyTorch version or device); start anew with --restart")
-
-
 def model_state(model: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:
     """The whole model's weights, plain tensors on the CPU. Under FSDP every rank must call
     it (the shards are gathered) and only rank 0 gets them."""

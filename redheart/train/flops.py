@@ -18,7 +18,8 @@ import torch
 from redheart.config import ModelConfig
 from redheart.model.network import HEAD_SIZES
 
-ENCODER = {"params_per_token": 21.3e6, "layers": 6, "hidden": 384}  # all-MiniLM-L6-v2 without embeddings
+# all-MiniLM-L6-v2's layers: 4 h^2 + 2 h f weights each (h 384, f 1536), 2 FLOPs a weight a token
+ENCODER = {"layer_params": 4 * 384**2 + 2 * 384 * 1536, "layers": 6, "hidden": 384}
 
 
 def _layers(cfg: ModelConfig, n_layers: int, lengths: list[int]) -> float:
@@ -46,13 +47,20 @@ def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs:
     forward. `heads`: the towers the step runs (None: all four; `step.towers_run`)."""
     projection, backbone = _projection(cfg, lengths), _layers(cfg, cfg.layers, lengths)
     towers = sum(_tower(cfg, lengths, d) for name, d in HEAD_SIZES.items() if heads is None or name in heads)
-    forward = projection + backbone + towers
-    backward = projection + 2 * (backbone + towers)  # the projection: its weight gradient alone
+    top = _encoder_layers(cfg.encoder_trainable, lengths)  # the encoder's trained top layers
+    # their input, the frozen layers' states, takes no gradient: not the first q, k, v products'
+    top_input = 2 * 3 * ENCODER["hidden"] ** 2 * sum(lengths) if cfg.encoder_trainable else 0
+    forward = projection + backbone + towers + top
+    backward = projection + 2 * (backbone + towers + top) - top_input  # the projection: its weight gradient alone
     flops = (forward + backward) * (2 if rdrop else 1)
-    if encoder_runs:
-        flops += sum(2 * ENCODER["params_per_token"] * n + ENCODER["layers"] * 4 * n * n * ENCODER["hidden"]
-                     for n in lengths)
+    if encoder_runs:  # its frozen layers
+        flops += _encoder_layers(ENCODER["layers"] - cfg.encoder_trainable, lengths)
     return flops
+
+
+def _encoder_layers(n_layers: int, lengths: list[int]) -> float:
+    """Forward FLOPs of `n_layers` of the encoder's layers (all-MiniLM-L6-v2's shape)."""
+    return n_layers * sum(2 * ENCODER["layer_params"] * n + 4 * n * n * ENCODER["hidden"] for n in lengths)
 
 
 def measure_peak_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float:

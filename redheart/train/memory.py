@@ -35,11 +35,11 @@ def device_memory_gib(device: torch.device) -> float | None:
 # hidden width, under bf16 autocast: the layer norms' fp32 inputs (2 x 4), the bf16 inputs of
 # the four matrix products (2 + 2 + 2 + 8), q, k, v and the attention output (8), the GELU's
 # input (8), the dropout masks (1 + 4 + 1) and outputs kept as the next product's input (8):
-# ~52 eager. Compiled layers keep less (Inductor recomputes cheap element-wise results). These are
-# counted, not yet fitted: bench/bench_memory.py measures the peaks they are to be checked against
-# (bench/RESULTS.md, "Pending"). Earlier peaks agree within ~10%: micro-batch 64, every text 256
-# tokens, compiled, R-Drop on, two towers: 64.7 GiB measured, 50h bytes a token-layer by it.
-LAYER_BYTES = {"eager": 52.0, "compiled": 48.0}
+# ~52 eager, as counted (not yet measured). Compiled layers keep less (Inductor recomputes cheap
+# element-wise results): two measured peaks imply 36.1 (the full-corpus run, 2026-12-08) and
+# 48.3 (every text 256 tokens, 2026-11-29); 42 puts the estimate within 11% of both
+# (bench/RESULTS.md, "Memory estimate").
+LAYER_BYTES = {"eager": 52.0, "compiled": 42.0}
 # What one layer's backward allocates while it runs (the gradients of its activations), and the
 # fixed workspaces (cuBLAS, the attention kernels, allocator rounding), at the peak.
 BACKWARD_BYTES = 24.0

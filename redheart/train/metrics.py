@@ -113,16 +113,6 @@ def collapsed_heads(pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor])
     return out
 
 
-# Which metric each module is judged by, and whether higher is better.
-MODULE_METRIC = {
-    "backbone": ("loss", False),
-    "emotion": ("emotion_loss", False),
-    "bentham": ("bentham_loss", False),
-    "regret": ("regret_loss", False),
-    "surd": ("surd_loss", False),
-}
-
-
 def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor, bins: int = 15,
                                temperature: float = 1.0) -> float:
     """ECE of a softmax head (Guo et al., 2017): the texts binned by their top predicted share,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from redheart.ckpt import io as ckio
+from redheart.ckpt.rebuild import rebuild_initial_weights, weights_fingerprint
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, restore_rng
 from redheart.config import Config
 from redheart.data.dataset import epoch_plan, micro_batches, shares
@@ -35,8 +36,7 @@ from redheart.model.network import RedHeartNet
 from redheart.runlog import log_epoch
 from redheart.train import memory
 from redheart.train.batching import MicroBatching
-from redheart.train.checkpoints import (Checkpoints, model_state, rebuild_initial_weights, snapshot_weights,
-                                        weights_fingerprint)
+from redheart.train.checkpoints import Checkpoints, model_state, snapshot_weights
 from redheart.train.ema import EMA
 from redheart.train.evaluation import evaluate, validation
 from redheart.train.faults import injected

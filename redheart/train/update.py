@@ -15,6 +15,7 @@ import torch
 from redheart.config import Config
 from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, any_rank, is_dtensor, sum_scalars,
                            unpack_scalars)
+from redheart.model.network import ENCODER_TOP
 from redheart.train.ema import EMA
 from redheart.train.faults import Faults
 from redheart.train.plan import RunPlan
@@ -63,21 +64,39 @@ class UncheckedStep:
     vector: torch.Tensor | None = None  # several ranks: the check vector on the device (`apply_update`)
 
 
+def param_groups(model: torch.nn.Module, cfg: Config, lr: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: weight decay except on biases and norms, and the
+    encoder's trainable top layers (`model.encoder_trainable`) at `train.encoder_lr_ratio` of
+    the peak LR. Each group's `lr_ratio` is its share of the peak LR (`set_peak_lr`)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, name.startswith(ENCODER_TOP)), []).append(p)
+    out = []
+    for (decay, encoder), params in groups.items():
+        ratio = cfg.train.encoder_lr_ratio if encoder else 1.0
+        out.append({"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
+                    "lr": lr * ratio, "lr_ratio": ratio})
+    return out
+
+
+def set_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's LR from a new peak LR, each at its `lr_ratio` (the LR sweep and its choice)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_ratio", 1.0)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device,
                     swap: bool = False) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases and norms. Fused kernels (one pass over the weights and
     moments: on a CPU 7.7x faster than the foreach path for 98M parameters); with `swap`, the
     Dynamic Swap Manager's AdamW whose state and update live in CPU memory."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg, lr)
+    params = [p for g in groups for p in g["params"]]
     if swap:
         return SwapAdamW(model, groups, lr=lr, betas=tuple(cfg.train.betas))
     # fused kernels on the GPU, and on the CPU for plain tensors (FSDP's DTensors: the default)
-    fused = device.type == "cuda" or not any(is_dtensor(p) for p in decay + no_decay)
+    fused = device.type == "cuda" or not any(is_dtensor(p) for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.train.betas), fused=fused)
 
 
@@ -116,8 +135,8 @@ class Update:
     def set_lr(self, lr: float) -> None:
         """Use a new peak LR (the sweep's choice) before training starts."""
         self.lr = lr
+        set_peak_lr(self.optimizer, lr)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
             g.pop("initial_lr", None)
         self.scheduler = self._schedule()
 
