@@ -123,6 +123,7 @@ def test_the_count_of_the_encoders_trained_top_layers_is_the_work_that_runs(tmp_
     from redheart.ckpt.state import RunPaths
     from redheart.session import build_session
     from redheart.train.flops import train_flops
+    from redheart.train.step import towers_run
     from redheart.train.trainer import Trainer
 
     cfg = tiny_config(tmp_path, data__max_records=60, train__device="cpu", train__micro_batch=8, train__grad_accum=1,
@@ -130,7 +131,7 @@ def test_the_count_of_the_encoders_trained_top_layers_is_the_work_that_runs(tmp_
     session = build_session(cfg)
     trainer = Trainer(cfg, RunPaths(tmp_path, "flops"), session.data, session.features, session.device)
     step = _equal_length_step(trainer)
-    heads = trainer.towers_run(trainer.train_data.head_counts(step))
+    heads = towers_run(trainer.train_data.head_counts(step))
     measured = _measured(trainer, step)
     lengths = trainer.train_data.lengths[step].tolist()
     counted = train_flops(cfg.model, lengths, True, encoder_runs=False, heads=heads)
