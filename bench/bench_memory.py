@@ -42,7 +42,7 @@ def heavy_steps(trainer: Trainer, plan: list[list[int]], micro_batch: int, n: in
     cost = []
     for step in plan:
         mbs = micro_batches(step, lengths, micro_batch)
-        cost.append((max(trainer._micro_batch_cost(mb) for mb in mbs), step))
+        cost.append((max(trainer.micro.cost(mb) for mb in mbs), step))
     cost.sort(key=lambda c: -c[0])
     return cost[:n]
 
@@ -109,8 +109,8 @@ def main() -> int:
         for name in names:
             _, mb, rdrop = configs[name]
             trainer.micro_batch, trainer.cfg.tech.rdrop_alpha = mb, rdrop
-            if trainer.graphs is not None:
-                trainer.graphs.reset()  # captured with the other R-Drop setting
+            if trainer.micro.graphs is not None:
+                trainer.micro.graphs.reset()  # captured with the other R-Drop setting
             est_cfg = copy.deepcopy(cfg)
             est_cfg.train.micro_batch, est_cfg.train.grad_accum, est_cfg.tech.rdrop_alpha = mb, 64 // mb, rdrop
             est = memory.estimate(est_cfg, trainer.param_counts["total"], **trainer.memory_profile)
@@ -119,7 +119,7 @@ def main() -> int:
             warm = time.time() - t
             got = measure(trainer, heavy_steps(trainer, plan, mb, args.heavy), device)
             r = {"name": name, "micro_batch": mb, "rdrop": rdrop, "compile": cfg.train.compile,
-                 "graphs": trainer.graphs is not None, "packing": trainer.packing, "varlen": trainer.varlen,
+                 "graphs": trainer.micro.graphs is not None, "packing": trainer.plan.packing, "varlen": trainer.plan.varlen_attention,
                  "estimate": est, "warmup_s": warm, **got, "ratio": est["total_gib"] / got["peak_gib"]}
             results.append(r)
             print(f"{name}: estimate {est['total_gib']:.1f} GiB ({est['tokens']} tokens x {est['layers']} layers), "

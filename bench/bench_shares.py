@@ -27,7 +27,7 @@ from redheart.data.dataset import epoch_plan, micro_batches, shares, snake_order
 from redheart.data.pipeline import prepare_data
 from redheart.model.encoder import Tokenizer
 from redheart.train.step import GRAPH_BUCKET, graph_width, micro_batch_tokens
-from redheart.train.trainer import PACKED_ROWS_MULTIPLE, use_packing
+from redheart.train.plan import PACKED_ROWS_MULTIPLE, use_packing
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from redheart.model.packing import padded_fraction  # noqa: E402
 from redheart.session import build_session  # noqa: E402
 from redheart.train.flops import measure_peak_tflops, train_flops  # noqa: E402
 from redheart.train.profile import micro_batch_lines, profiled  # noqa: E402
+from redheart.train.step import towers_run  # noqa: E402
 from redheart.train.trainer import Trainer  # noqa: E402
 
 SHORT = {"micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "rdrop": "tech.rdrop_alpha",
@@ -68,7 +69,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def profile_step(trainer: Trainer, step: list[int], device: torch.device, trace: Path) -> dict:
     """One optimizer step under torch.profiler: where the GPU time goes and how busy the GPU was."""
-    with trainer.annotating(), profiled(device, trace) as summary:  # with each micro-batch's GPU time
+    with trainer.micro.annotating(), profiled(device, trace) as summary:  # with each micro-batch's GPU time
         trainer.model.train()
         trainer.optimizer_step(trainer.accumulate(step))
     return summary
@@ -78,11 +79,11 @@ def token_share(steps: list[list[int]], lengths: torch.Tensor, trainer: Trainer)
     """Real tokens over the tokens the layers compute (padded, or packed rows) in these steps."""
     real = computed = 0
     for step in steps:
-        for mb in micro_batches(step, lengths, trainer.micro_batch, trainer.micro_batch_tokens):
+        for mb in micro_batches(step, lengths, trainer.batches.size, trainer.batches.tokens):
             lens = [int(lengths[i]) for i in mb]
             n_real, padded, packed = padded_fraction(lens)
             real += n_real
-            computed += packed if trainer.packing else padded
+            computed += packed if trainer.plan.packing else padded
     return real / computed
 
 
@@ -189,7 +190,7 @@ def main() -> int:
                 if i == max(n_warm, start):
                     sync(device)
                     t0 = time.perf_counter()
-                    graphs_before = len(trainer.graphs.graphs) if trainer.graphs is not None else 0
+                    graphs_before = len(trainer.micro.graphs.graphs) if trainer.micro.graphs is not None else 0
                 trainer.model.train()
                 parts = trainer.accumulate(steps[i])
                 trainer.optimizer_step(parts)
@@ -231,7 +232,7 @@ def main() -> int:
         samples = sum(len(s) for s in timed)
         toks = sum(int(lengths[s].sum()) for s in timed)
         rdrop = cfg.tech.rdrop_alpha > 0
-        trained = [trainer.towers_run(trainer.train_data.head_counts(s)) for s in timed]
+        trained = [towers_run(trainer.train_data.head_counts(s)) for s in timed]
         flops = sum(train_flops(cfg.model, lengths[s].tolist(), rdrop, not session.features["train"].cached, heads)
                     for s, heads in zip(timed, trained))
         r = {"name": name, "config": pairs, "samples_per_s": samples / seconds, "tokens_per_s": toks / seconds,
@@ -239,10 +240,10 @@ def main() -> int:
              "step_s": seconds / len(timed),
              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
              "micro_batch_final": trainer.micro_batch, "losses": [float(x) for x in losses],
-             "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.graphs is not None,
-             "packing": trainer.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap,
+             "swap": trainer.swap, "checkpointing": trainer.checkpointing, "graphs": trainer.micro.graphs is not None,
+             "packing": trainer.plan.packing, "real_token_share": token_share(timed, lengths, trainer), "cap_gib": cap,
              # CUDA graphs captured while timing (each a few extra passes inside the timed steps)
-             "graphs_captured_timed": (len(trainer.graphs.graphs) - graphs_before) if trainer.graphs is not None else 0,
+             "graphs_captured_timed": (len(trainer.micro.graphs.graphs) - graphs_before) if trainer.micro.graphs is not None else 0,
              "short_steps_timed": short,
              "towers_run": sorted({h for heads in trained for h in (heads or HEADS)}),  # in some timed step
              "warmup_s": t0 - t_begin}  # the warm-up steps' wall time, compiling included
@@ -259,8 +260,8 @@ def main() -> int:
         results.append(r)
         print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
               f"MFU {r['mfu']:.1%}, step {r['step_s']:.2f}s, peak {r['peak_gib']:.1f} GiB "
-              f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.graphs is not None}, "
-              f"bf16 copies {trainer.lowp is not None and ('fused' if trainer.lowp.fused else 'unfused')}, "
+              f"(swap {trainer.swap}, checkpointing {trainer.checkpointing}, graphs {trainer.micro.graphs is not None}, "
+              f"bf16 copies {trainer.micro.lowp is not None and ('fused' if trainer.micro.lowp.fused else 'unfused')}, "
               f"graphs captured while timing {r['graphs_captured_timed']})", flush=True)
         trainer = None  # its memory freed before the next variant
         set_inductor(restore_inductor)

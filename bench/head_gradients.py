@@ -27,7 +27,7 @@ from redheart.ckpt.rebuild import model_from_checkpoint  # noqa: E402
 from redheart.model.encoder import Encoder, Tokenizer  # noqa: E402
 from redheart.model.network import RedHeartNet  # noqa: E402
 from redheart.train.diagnostics import head_gradients  # noqa: E402
-from redheart.train.trainer import amp_dtype  # noqa: E402
+from redheart.train.plan import amp_dtype  # noqa: E402
 
 
 def main() -> int:

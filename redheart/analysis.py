@@ -25,8 +25,9 @@ from redheart.model.network import RedHeartNet
 from redheart.overrides import parse_assignment, set_value
 from redheart.plots import plot_sweet_spot
 from redheart.session import Session
+from redheart.train.evaluation import evaluate, predict_split
 from redheart.train.metrics import expected_calibration_error, fit_temperature
-from redheart.train.trainer import amp_dtype, evaluate, predict_split
+from redheart.train.plan import amp_dtype
 
 log = logging.getLogger("redheart")
 

@@ -288,6 +288,24 @@ class GradReadiness:
         self.fired.append(k)
 
 
+def data_parallel_grads(model: torch.nn.Module, world: World, fsdp: bool, overlap: bool,
+                        graphs: bool = False) -> tuple[FlatGrads | None, GradReadiness | None]:
+    """DDP's gradient engine for `model` (None, None for one process, and under FSDP, whose
+    shards are reduce-scattered in the backward): the flat buffer, bucketed within each top-level
+    module (a head without targets is left out), and with `overlap` each bucket's all-reduce
+    started once the last backward has written it (`graphs`: the backward is a CUDA graph's)."""
+    if not world.active or fsdp:
+        return None, None
+    named = list(model.named_parameters())
+    flat = FlatGrads([p for _, p in named], groups=[n.split(".", 1)[0] for n, _ in named])
+    ready = GradReadiness(flat) if overlap else None
+    if ready is not None:
+        log.info("gradient all-reduce overlapped with the backward: each of %d buckets is summed once the "
+                 "last micro-batch's backward has written it%s", len(flat.buckets),
+                 " (event nodes in the CUDA graphs)" if graphs else "")
+    return flat, ready
+
+
 LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
 
 

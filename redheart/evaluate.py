@@ -33,8 +33,9 @@ from redheart.data.importers import iter_lines, load_data
 from redheart.data.schema import DataError, Record
 from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
+from redheart.train.evaluation import predict_split
 from redheart.train.metrics import expected_calibration_error, head_metrics
-from redheart.train.trainer import amp_dtype, predict_split
+from redheart.train.plan import amp_dtype
 
 log = logging.getLogger("redheart")
 

@@ -14,7 +14,8 @@ from redheart.ckpt.state import RunPaths, read_registry
 from redheart.config import HEADS, MODULES, Config
 from redheart.runlog import duration
 from redheart.train import memory
-from redheart.train.trainer import Trainer, TrainingStopped
+from redheart.train.stopping import TrainingStopped
+from redheart.train.trainer import Trainer
 
 log = logging.getLogger("redheart")
 

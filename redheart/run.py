@@ -23,7 +23,9 @@ from redheart.data.importers import LoadedData
 from redheart.report import end_summary, report_stop, start_summary, write_side_files
 from redheart.runlog import Progress, setup_logging
 from redheart.session import build_session
-from redheart.train.trainer import StopFlag, Trainer, TrainingStopped, preflight
+from redheart.train.plan import preflight
+from redheart.train.stopping import StopFlag, TrainingStopped
+from redheart.train.trainer import Trainer
 
 log = logging.getLogger("redheart")
 
@@ -292,7 +294,7 @@ def _join_world(cfg: Config, world) -> Config:
     import torch
 
     from redheart import dist as rdist
-    from redheart.train.trainer import pick_device
+    from redheart.train.plan import pick_device
 
     device = pick_device(cfg.train.device)
     if device.type == "cuda":

@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("redheart")
 
@@ -81,6 +82,18 @@ class _Console(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
+
+
+def log_epoch(record: dict[str, Any], epochs: int) -> None:
+    """An epoch's lines from its metrics record: losses, speed, validation, collapsed heads."""
+    train, val, val_ema, epoch = record["train"], record["val"], record["val_ema"], record["epoch"]
+    log.info("epoch %d/%d: train loss %.4f | val loss %.4f%s | %.1f samples/s%s | %.0fs", epoch, epochs,
+             train.get("loss", float("nan")), val["loss"], f" | ema val loss {val_ema['loss']:.4f}" if val_ema else "",
+             record["samples_per_s"], f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else "",
+             record["seconds"])
+    log.info("  val: %s", "  ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "loss"))
+    for head, why in record["collapsed"].items():
+        log.warning("epoch %d: the %s head has collapsed on validation: %s", epoch, head, why)
 
 
 def duration(seconds: float) -> str:

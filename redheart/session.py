@@ -12,7 +12,7 @@ from redheart.data.features import FeatureSource, cache_bytes
 from redheart.data.importers import LoadedData
 from redheart.data.pipeline import DataBundle, prepare_data
 from redheart.model.encoder import Encoder, EncoderError, Tokenizer
-from redheart.train.trainer import pick_device
+from redheart.train.plan import pick_device
 
 log = logging.getLogger("redheart")
 

@@ -19,7 +19,9 @@ import torch
 from redheart.ckpt.io import atomic_write_text
 from redheart.ckpt.state import capture_rng, restore_rng, timestamp
 from redheart.data.dataset import epoch_plan
-from redheart.train.trainer import Trainer, build_optimizer, evaluate, set_peak_lr
+from redheart.train.evaluation import evaluate
+from redheart.train.trainer import Trainer
+from redheart.train.update import build_optimizer, set_peak_lr
 
 log = logging.getLogger("redheart")
 

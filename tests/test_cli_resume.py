@@ -239,7 +239,8 @@ def test_no_argv_over_the_training_flags_and_no_resume_file_is_an_internal_error
     is not what is tested: a run that gets that far stops at its first step (75) or before its
     LR sweep, as a stop request would stop it."""
     import redheart.run as rrun
-    from redheart.train.trainer import Trainer, TrainingStopped
+    from redheart.train.stopping import TrainingStopped
+    from redheart.train.trainer import Trainer
 
     class Stops(Trainer):
         def fit(self, progress=None):

@@ -421,7 +421,7 @@ def test_shards_are_disjoint_complete_and_balanced_in_padded_cost(world, micro_b
 
 @pytest.mark.parametrize("packing", ["on", "off"])
 def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_path, write_file, packing):
-    """What the trainer deals micro-batches by (`_micro_batch_cost`) is what the backbone's
+    """What the trainer deals micro-batches by (`MicroSteps.cost`) is what the backbone's
     layers are then given: rows x width of R-Drop's doubled batch, packed or padded (texts of
     3 to 60 words, so that short ones share rows beside a long one); and two ranks' shares are
     dealt by it (packed, it differs from the padded tokens `shard` would count by default)."""
@@ -446,9 +446,9 @@ def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_pat
     for mb in [list(range(s, s + 4)) for s in range(0, n - 3, 4)] + mixed:
         shapes.clear()
         trainer.accumulate(mb)
-        trainer.zero_grad()
+        trainer.update.zero_grad()
         assert len(shapes) == 1, shapes  # one micro-batch, R-Drop's two passes in one forward
-        assert trainer._micro_batch_cost(mb) == shapes[0][0] * shapes[0][1], (mb, shapes)
+        assert trainer.micro.cost(mb) == shapes[0][0] * shapes[0][1], (mb, shapes)
         widths.add(shapes[0])
     assert len(widths) > 3  # micro-batches of many shapes were compared
     if packing == "on":
@@ -460,8 +460,8 @@ def test_the_cost_a_micro_batch_is_dealt_by_is_the_tokens_its_layers_run(tmp_pat
         trainer.world = World(rank=0, size=2)
         lengths, differ = trainer.train_data.lengths, 0
         for step in epoch_plan(lengths, 16, 0, 1, 0):
-            shares = trainer._shares(step)
-            assert shares == [shard(step, r, 2, lengths, 4, 0, trainer._micro_batch_cost) for r in range(2)]
+            shares = trainer.shares(step)
+            assert shares == [shard(step, r, 2, lengths, 4, 0, trainer.micro.cost) for r in range(2)]
             differ += shares != [shard(step, r, 2, lengths, 4) for r in range(2)]
         assert differ > 0
 

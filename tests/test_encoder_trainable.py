@@ -13,7 +13,7 @@ from redheart.config import ConfigError, preset
 from redheart.model.bert import BertTop
 from redheart.model.encoder import DEFAULT_ENCODER, Encoder, EncoderError, Tokenizer, encoder_dir
 from redheart.model.network import ENCODER_TOP, RedHeartNet
-from redheart.train.trainer import param_groups, set_peak_lr
+from redheart.train.update import param_groups, set_peak_lr
 
 TEXTS = ["I lent my car to a friend and he crashed it.", "We finally won the final, after ten years!",
          "short"]

@@ -68,7 +68,7 @@ def _trainer(tmp_path, mode: str):
 
 def test_a_deferred_step_finishes_at_settle_and_a_bad_one_is_skipped_on_the_device(tmp_path):
     trainer, steps = _trainer(tmp_path, "deferred")
-    assert trainer.defers_checks()
+    assert trainer.update.defers_checks()
     assert trainer.optimizer_step(trainer.accumulate(steps[0])) is None  # the check is still on the device
     assert trainer.scheduler.last_epoch == 0 and trainer.ema.num_updates == 0  # schedule and EMA wait
     assert trainer.settle() is True and trainer.settle() is None
@@ -85,14 +85,14 @@ def test_a_deferred_step_finishes_at_settle_and_a_bad_one_is_skipped_on_the_devi
         assert same_tensors(moments[k], v) == []
     # the next step settles it, before its own update
     assert trainer.optimizer_step(trainer.accumulate(steps[2])) is None
-    assert trainer.bad_steps_total == 1 and trainer.bad_steps_in_row == 1 and trainer.scheduler.last_epoch == 1
-    assert trainer.settle() is True and trainer.bad_steps_in_row == 0 and trainer.scheduler.last_epoch == 2
+    assert trainer.update.bad_steps_total == 1 and trainer.update.bad_steps_in_row == 1 and trainer.scheduler.last_epoch == 1
+    assert trainer.settle() is True and trainer.update.bad_steps_in_row == 0 and trainer.scheduler.last_epoch == 2
     assert any(not torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
 
 
 def test_the_synchronous_check_decides_inside_the_step(tmp_path):
     trainer, steps = _trainer(tmp_path, "sync")
-    assert not trainer.defers_checks()
+    assert not trainer.update.defers_checks()
     assert trainer.optimizer_step(trainer.accumulate(steps[0])) is True
     assert trainer.scheduler.last_epoch == 1 and trainer.settle() is None
 
@@ -111,7 +111,7 @@ def test_the_clip_handed_to_fused_adamw_is_clip_grad_norm(tmp_path):
     for step, clip in zip(steps, clips):
         trainer.cfg.train.clip_norm = clip
         parts = trainer.accumulate(step)
-        assert not [h for h, c in trainer._step_counts.items() if c == 0]  # every head takes part
+        assert not [h for h, c in trainer.step_counts.items() if c == 0]  # every head takes part
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         assert trainer.apply_update(trainer.optimizer, parts) is True
         assert getattr(trainer.optimizer, "grad_scale", None) is None  # not left for another step
@@ -144,20 +144,21 @@ def test_a_rank_that_defers_its_checks_does_not_turn_the_swap_manager_on_alone(t
     but one rank of several that defer their checks stops instead (exit 4, resume with the swap
     on): the swap manager's update needs the synchronous check, so that rank would read its steps,
     and the others' stop requests, a step before the other ranks and leave them waiting. With
-    synchronous checks the rank may turn it on alone, as before. (The rank's device is made to
-    look like a GPU: the swap manager needs one; nothing here runs on it.)"""
-    from redheart.dist import World
+    synchronous checks the rank may turn it on alone, as before. (The rank is taken to be on a
+    GPU: the swap manager needs one; nothing here runs on it.)"""
+    from redheart.train.oom import oom_action
 
     for mode in ("deferred", "sync"):
         trainer, _ = _trainer(tmp_path, mode)
-        trainer.device = torch.device("cuda")
-        assert trainer._oom_action(2, 1) == ("retry", "")
-        assert trainer._oom_action(1, 1) == ("swap", "")  # one process
-        trainer.world = World(rank=1, size=2)
-        action, why = trainer._oom_action(1, 1)
+        defers = trainer.update.defers_checks()
+        assert defers == (mode == "deferred")
+        memory = trainer.cfg.memory
+        assert oom_action(2, 1, memory, False, True, False, False) == ("retry", "")
+        assert oom_action(1, 1, memory, False, True, False, False) == ("swap", "")  # one process
+        action, why = oom_action(1, 1, memory, False, True, False, ranks_defer=defers)  # one rank of two
         if mode == "deferred":
             assert action == "stop" and "cannot turn the swap manager on alone" in why
         else:
             assert (action, why) == ("swap", "")
-        trainer.cfg.memory.swap = "off"
-        assert trainer._oom_action(1, 1) == ("stop", "nothing smaller fits")
+        memory.swap = "off"
+        assert oom_action(1, 1, memory, False, True, False, defers) == ("stop", "nothing smaller fits")

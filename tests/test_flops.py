@@ -40,7 +40,7 @@ def _equal_length_step(trainer) -> list[int]:
 def _measured(trainer, step: list[int]) -> int:
     with FlopCounterMode(display=False) as counter:
         trainer.accumulate(step)
-    trainer.zero_grad()
+    trainer.update.zero_grad()
     return counter.get_total_flops()
 
 
@@ -60,7 +60,7 @@ def _no_targets(data, head: str | None):
 
 
 def test_a_head_without_targets_leaves_its_tower_out_and_changes_nothing(trainer):
-    from redheart.train.step import forward_loss
+    from redheart.train.step import forward_loss, towers_run
 
     step = _equal_length_step(trainer)
     data, src = trainer.train_data, trainer.features["train"]
@@ -70,14 +70,14 @@ def test_a_head_without_targets_leaves_its_tower_out_and_changes_nothing(trainer
     try:
         with _no_targets(data, "surd"):
             counts = data.head_counts(step)
-            assert trainer.towers_run(counts) == ["emotion", "bentham", "regret"]
+            assert towers_run(counts) == ["emotion", "bentham", "regret"]
             idx = torch.tensor(step)
             states, keep = src.gather(idx, int(data.lengths[step].max()))
             tgt = src.targets_of(idx)
             results = {}
-            for name, heads in (("all", None), ("run", trainer.towers_run(counts))):
+            for name, heads in (("all", None), ("run", towers_run(counts))):
                 torch.manual_seed(0)  # the same dropout masks for both
-                trainer.zero_grad()
+                trainer.update.zero_grad()
                 loss, parts = forward_loss(trainer.model, states, keep, False, tgt, counts, trainer.cfg.tech,
                                            trainer.cfg.train.head_weights, None, heads=heads)
                 loss.backward()
@@ -86,7 +86,7 @@ def test_a_head_without_targets_leaves_its_tower_out_and_changes_nothing(trainer
     finally:
         for h in hooks:
             h.remove()
-        trainer.zero_grad()
+        trainer.update.zero_grad()
     assert calls == {"emotion": 2, "surd": 1}  # the second pass left the SURD tower out
     (loss_a, parts_a, grads_a), (loss_r, parts_r, grads_r) = results["all"], results["run"]
     assert torch.equal(loss_a, loss_r) and parts_a.keys() == parts_r.keys() and "surd" not in parts_r
@@ -98,11 +98,12 @@ def test_a_head_without_targets_leaves_its_tower_out_and_changes_nothing(trainer
 @pytest.mark.parametrize("without", [None, "surd", "emotion"])
 def test_the_count_is_the_work_that_runs(trainer, without):
     from redheart.train.flops import train_flops
+    from redheart.train.step import towers_run
 
     data = trainer.train_data
     step = _equal_length_step(trainer)
     with _no_targets(data, without):
-        heads = trainer.towers_run(data.head_counts(step))
+        heads = towers_run(data.head_counts(step))
         assert without not in heads and len(heads) == (4 if without is None else 3)
         measured = _measured(trainer, step)
     lengths = data.lengths[step].tolist()
@@ -122,6 +123,7 @@ def test_the_count_of_the_encoders_trained_top_layers_is_the_work_that_runs(tmp_
     from redheart.ckpt.state import RunPaths
     from redheart.session import build_session
     from redheart.train.flops import train_flops
+    from redheart.train.step import towers_run
     from redheart.train.trainer import Trainer
 
     cfg = tiny_config(tmp_path, data__max_records=60, train__device="cpu", train__micro_batch=8, train__grad_accum=1,
@@ -129,7 +131,7 @@ def test_the_count_of_the_encoders_trained_top_layers_is_the_work_that_runs(tmp_
     session = build_session(cfg)
     trainer = Trainer(cfg, RunPaths(tmp_path, "flops"), session.data, session.features, session.device)
     step = _equal_length_step(trainer)
-    heads = trainer.towers_run(trainer.train_data.head_counts(step))
+    heads = towers_run(trainer.train_data.head_counts(step))
     measured = _measured(trainer, step)
     lengths = trainer.train_data.lengths[step].tolist()
     counted = train_flops(cfg.model, lengths, True, encoder_runs=False, heads=heads)

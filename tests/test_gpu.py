@@ -16,7 +16,7 @@ import torch
 from redheart.config import HEADS, preset
 from redheart.model.network import RedHeartNet
 from redheart.train.step import GraphedMicroSteps, forward_loss, plan_packing
-from redheart.train.trainer import compile_blocks
+from redheart.train.plan import compile_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 
@@ -526,7 +526,7 @@ def _twenty_steps(tmp_path, swap: bool) -> list[float]:
                       model__activation_checkpointing=swap)
     session = build_session(cfg)
     trainer = Trainer(cfg, RunPaths(Path(cfg.output_dir), "t"), session.data, session.features, session.device)
-    assert trainer.swap == swap and trainer.packing and trainer.varlen and trainer.checkpointing == swap
+    assert trainer.swap == swap and trainer.plan.packing and trainer.plan.varlen_attention and trainer.checkpointing == swap
     lengths = session.data.splits["train"].lengths
     plan = [s for e in range(1, 9) for s in epoch_plan(lengths, 64, cfg.train.seed, e, 0)][:20]
     losses = []
@@ -536,7 +536,7 @@ def _twenty_steps(tmp_path, swap: bool) -> list[float]:
         assert trainer.optimizer_step(parts) is not False
         trainer.settle()
         losses.append(float(parts["loss"]))
-    assert trainer.bad_steps_total == 0
+    assert trainer.update.bad_steps_total == 0
     return losses
 
 
@@ -560,6 +560,7 @@ def test_measuring_the_heaviest_micro_batch_on_the_gpu(tmp_path):
     from redheart.ckpt.state import RunPaths
     from redheart.session import build_session
     from redheart.train import memory
+    from redheart.train.plan import measure_heaviest
     from redheart.train.trainer import Trainer
 
     from helpers import tiny_config
@@ -568,7 +569,7 @@ def test_measuring_the_heaviest_micro_batch_on_the_gpu(tmp_path):
     session = build_session(cfg)
     trainer = Trainer(cfg, RunPaths(Path(cfg.output_dir), "t"), session.data, session.features, session.device)
     params = trainer.param_counts["total"]
-    peak = trainer._measure_heaviest()
+    peak = measure_heaviest(trainer.model, cfg, trainer.features["train"], trainer.train_data, trainer.device, params)
     assert peak is not None and peak * 2**30 > (4 + 8 + 4) * params
     est = memory.estimate(cfg, params, **trainer.memory_profile)
     assert peak < est["total_gib"] + 0.5

@@ -100,7 +100,7 @@ def test_training_with_copies_ends_at_the_weights_of_plain_autocast(tmp_path):
 
 def test_auto_turns_the_copies_on_only_where_they_paid_on_the_gpu():
     from redheart.config import preset
-    from redheart.train.trainer import use_bf16_weights
+    from redheart.train.plan import use_bf16_weights
 
     gpu, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
 

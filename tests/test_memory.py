@@ -12,7 +12,7 @@ from redheart.config import preset
 from redheart.model.modules import preset_parameter_counts
 from redheart.model.network import RedHeartNet
 from redheart.train.memory import estimate
-from redheart.train.trainer import build_optimizer
+from redheart.train.update import build_optimizer
 
 from helpers import newest_state, run, same_tensors, straight_and_resumed, tiny_config
 
@@ -217,28 +217,28 @@ PINNED_ESTIMATES = {"2x32": 17.93, "2x32 no R-Drop": 16.96, "8x8 compiled packed
 ])
 def test_the_swap_manager_is_decided_by_a_measurement_where_the_estimate_is_near_the_line(
         monkeypatch, need_vs_line, peak_vs_line, measured, swap):
-    import redheart.train.trainer as trainer
+    import redheart.train.plan as plan
 
     cfg = _cfg(64, 1, 1.0, True)
     params = preset_parameter_counts(cfg)["total"]
     profile = {"lengths": CORPUS_LENGTHS, "heads": 3, "cache_bytes": 0}
     need = estimate(cfg, params, **profile)["total_gib"]
     line = need / need_vs_line
-    monkeypatch.setattr(trainer, "memory_cap_gib", lambda device: line / 0.9)
+    monkeypatch.setattr(plan, "memory_cap_gib", lambda device: line / 0.9)
     calls = []
 
     def measure():
         calls.append(1)
         return None if peak_vs_line is None else peak_vs_line * line
 
-    on, _, why = trainer.plan_memory(cfg, torch.device("cpu"), params, profile=profile, measure=measure)
+    on, _, why = plan.plan_memory(cfg, torch.device("cpu"), params, profile=profile, measure=measure)
     assert (on, bool(calls)) == (swap, measured)
     if measured:
         assert "a forward and backward of the heaviest micro-batch" in why
 
 
 def test_heaviest_texts_reach_the_token_count_with_the_fewest_long_texts():
-    from redheart.train.trainer import heaviest_texts
+    from redheart.train.plan import heaviest_texts
 
     lengths = [256, 256, 256, 10, 20, 30, 256, 15]
     pick = heaviest_texts(lengths, 4, 530)  # two long texts and the two shortest reach 530 (537)

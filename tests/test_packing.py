@@ -11,7 +11,7 @@ from helpers import mixed_lengths_data, newest_state, run, tiny_config
 from redheart.config import ConfigError, build_config, preset
 from redheart.model.network import RedHeartNet
 from redheart.model.packing import first_fit, plan
-from redheart.train.trainer import use_cuda_graphs, use_packing, use_varlen_attention
+from redheart.train.plan import use_cuda_graphs, use_packing, use_varlen_attention
 
 CPU = torch.device("cpu")
 

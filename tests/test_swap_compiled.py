@@ -1,6 +1,6 @@
 """Issue 24: the Dynamic Swap Manager on a GPU turned every step after the first non-finite.
 
-`Trainer.apply_update` hands the grad-norm clip to a fused AdamW as `optimizer.grad_scale`, a
+`Update.apply_update` hands the grad-norm clip to a fused AdamW as `optimizer.grad_scale`, a
 0-dim tensor on the model's device. `SwapAdamW` is a fused AdamW over CPU master weights, so
 torch's `_fused_adam` brings that tensor to the CPU itself, with `.to("cpu", non_blocking=True)`:
 from a CUDA tensor that is an asynchronous copy into newly allocated pinned memory, and the CPU

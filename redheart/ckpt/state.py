@@ -82,6 +82,11 @@ class RunPaths:
     def memory_file(self) -> Path:
         return self.logs / f"memory_{self.run_id}.json"
 
+    @property
+    def plan_file(self) -> Path:
+        """How the run trains on this machine (`redheart.train.plan.RunPlan`), as its last launch settled it."""
+        return self.logs / f"plan_{self.run_id}.json"
+
     def snapshot_path(self, epoch: int, lr: float) -> Path:
         # <ts> is the run's start time, so the same epoch of the same run always has the same name:
         # an epoch redone after a crash replaces its snapshot instead of leaving a second one.

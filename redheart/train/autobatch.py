@@ -26,6 +26,7 @@ from redheart.config import Config
 from redheart.data.features import FeatureSource
 from redheart.model.modules import count_parameters, preset_parameter_counts
 from redheart.train import memory
+from redheart.train.batching import accumulation
 from redheart.train.step import forward_loss
 
 log = logging.getLogger("redheart")
@@ -41,7 +42,7 @@ def candidates(effective: int) -> list[int]:
 def with_micro_batch(cfg: Config, micro_batch: int) -> Config:
     """`cfg` training with `micro_batch`, the accumulation recomputed (effective batch kept)."""
     eff = cfg.effective_batch
-    cfg.train.micro_batch, cfg.train.grad_accum = micro_batch, eff // micro_batch
+    cfg.train.micro_batch, cfg.train.grad_accum = micro_batch, accumulation(eff, micro_batch)
     return cfg
 
 
@@ -72,7 +73,7 @@ def _estimate(cfg: Config) -> dict[str, Any]:
 
 def _measure(cfg: Config, source: FeatureSource, device: torch.device, faults: dict[str, Any]) -> dict[str, Any]:
     from redheart.model.network import RedHeartNet, Stack
-    from redheart.train.trainer import amp_dtype, memory_cap_gib, plan_memory, use_bf16_weights
+    from redheart.train.plan import amp_dtype, memory_cap_gib, plan_memory, use_bf16_weights
 
     cuda = device.type == "cuda"
     cap = memory_cap_gib(device)

@@ -5,7 +5,7 @@ pooling per token (attention adds 4 * L^2 * hidden per layer and text), the towe
 MLPs per text. A backward costs twice its forward, except the input projection's (no gradient
 flows into the frozen encoder: the weight gradient alone, once its forward). Only the towers
 the step runs count: training leaves out those whose head has no targets in the step (on the
-public corpus SURD never has targets, and Scruples texts no emotion; `Trainer.towers_run`).
+public corpus SURD never has targets, and Scruples texts no emotion; `step.towers_run`).
 The frozen encoder's forward is counted when it runs (not when its states come from the
 cache). A test checks the count against torch.utils.flop_counter on a real step.
 """
@@ -44,7 +44,7 @@ def _tower(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
 def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool,
                 heads: Iterable[str] | None = None) -> float:
     """FLOPs of the forward and the backward, doubled by R-Drop's second pass, plus the encoder's
-    forward. `heads`: the towers the step runs (None: all four; `Trainer.towers_run`)."""
+    forward. `heads`: the towers the step runs (None: all four; `step.towers_run`)."""
     projection, backbone = _projection(cfg, lengths), _layers(cfg, cfg.layers, lengths)
     towers = sum(_tower(cfg, lengths, d) for name, d in HEAD_SIZES.items() if heads is None or name in heads)
     top = _encoder_layers(cfg.encoder_trainable, lengths)  # the encoder's trained top layers

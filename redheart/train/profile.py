@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+log = logging.getLogger("redheart")
+T = TypeVar("T")
 
 KINDS = (  # first match wins; names of cuBLAS/cuDNN/Triton/ATen/NCCL kernels, lower case
     ("communication", ("nccl", "allreduce", "reduce_scatter", "allgather")),
@@ -190,3 +196,27 @@ def profiled(device: torch.device, trace: Path):
         wall = time.perf_counter() - t0
     prof.export_chrome_trace(str(trace))
     summary.update(summarize(prof, trace, wall))
+
+
+def profile_step(run: Callable[[], T], device: torch.device, logs: Path, step: int, rank: int) -> T:
+    """`train.profile_step`: `run()` (global step `step`) under torch.profiler, its summary and
+    trace written into `logs` by every rank (each its own files), what it shows in one log line."""
+    from redheart.ckpt import io as ckio
+
+    name = f"profile_step{step}_rank{rank}"
+    with profiled(device, logs / f"{name}.trace.json") as summary:
+        out = run()
+    ckio.atomic_write_text(json.dumps(summary, indent=1), logs / f"{name}.json")
+    if summary["kernels"]:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms"].items())
+        what = (f"GPU busy {100 * summary['busy']:.0f}% ({summary['kernels']} kernels, "
+                f"{summary['kernel_ms']:.1f} ms: {kinds})")
+    else:
+        top = summary["host_top"][0] if summary["host_top"] else {"name": "-", "self_cpu_ms": 0.0}
+        what = f"no GPU kernels; the busiest host operation {top['name']} {top['self_cpu_ms']:.1f} ms"
+    if summary["host_waits"]:  # a host that should run ahead of the GPU waited: where
+        longest = max(summary["host_waits"], key=lambda w: w["ms"])
+        what += (f"; the host waited for the GPU {sum(w['ms'] for w in summary['host_waits']):.1f} ms "
+                 f"(longest {longest['ms']:.1f} ms in {longest['op']})")
+    log.info("step %d profiled: %.1f ms, %s; %s", step, summary["wall_ms"], what, logs / f"{name}.json")
+    return out

@@ -48,6 +48,13 @@ def micro_batch_tokens(lengths: list[int], rdrop: bool, width: int, packed: bool
     return (packed_rows(lens, width, rows_multiple) if packed else len(lens)) * width
 
 
+def towers_run(counts: dict[str, int]) -> list[str] | None:
+    """The towers a training step runs (None: all four): the heads with targets in the step.
+    Another head's loss is left out (losses.py), so its tower's forward would be wasted and
+    it runs no backward. CUDA graphs are captured per set of towers."""
+    return [h for h, c in counts.items() if c > 0] or None
+
+
 def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, padded: bool,
                  tgt: dict[str, torch.Tensor], counts: dict[str, int] | torch.Tensor, tech: TechniqueConfig,
                  weights: dict[str, float], dtype: torch.dtype | None, cache: bool = True,
