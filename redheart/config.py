@@ -157,6 +157,10 @@ class TrainConfig:
     # logs/profile_step{K}_rank{R}.json / .trace.json (redheart/train/profile.py). 0: off
     profile_step: int = 0
     resume_states_kept: int = 2  # full resume states kept (the newest and its predecessor as a fallback)
+    # A resume state also mid-epoch once this many minutes have passed since the last one was
+    # begun, so that a kill that leaves no time to save (SIGKILL, a lost machine) costs at most
+    # that much training; 0: at the ends of epochs (and on a stop) only
+    resume_every_minutes: float = 30.0
     # How --gpus N processes share the model: ddp (each holds all of it; gradients summed) | fsdp
     # (PyTorch FSDP2: weights, gradients and AdamW state sharded 1/N, for a model that does not
     # fit one GPU; no CUDA graphs, train.compile or swap manager). Like --gpus, it comes from the
@@ -213,6 +217,8 @@ class TrainConfig:
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
         _check(self.profile_step >= 0, "train.profile_step", "must be >= 0 (0: no profile)", self.profile_step)
         _check(self.resume_states_kept >= 1, "train.resume_states_kept", "must be >= 1", self.resume_states_kept)
+        _check(self.resume_every_minutes >= 0, "train.resume_every_minutes", "must be >= 0 (0: at epoch ends only)",
+               self.resume_every_minutes)
         _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", self.parallel)
 
 

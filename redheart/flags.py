@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--resume", metavar="PATH|latest",
                    help="continue from a checkpoint, or the newest resume state; the run keeps the settings it was "
                         "saved with (a flag asking for another value is refused), except --epochs, --device, "
-                        "--gpus, train.parallel, train.log_every and the sweetspot.*/crossover.* settings")
+                        "--gpus, train.parallel, train.log_every, train.resume_every_minutes and the "
+                        "sweetspot.*/crossover.* settings")
     p.add_argument("--restart", action="store_true", help="start a new run even if an unfinished one is in --output-dir")
     p.add_argument("--samples", type=int, default=None, help=samples_help + " (also SAMPLES=N)")
     p.add_argument("--epochs", type=int, help="number of epochs")

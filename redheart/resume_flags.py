@@ -5,7 +5,7 @@ an exact continuation needs them. A flag asking for another value is therefore r
 one named with what the state has, instead of being ignored without a word. The settings that
 may change on resume are taken from the command line (`CHANGEABLE`): the number of epochs (the
 schedule is recomputed, with a warning), the device and how this launch shares the work
-(--gpus, train.parallel), and the logging interval.
+(--gpus, train.parallel), and how often it logs and saves mid-epoch resume states.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any
 from redheart.config import Config, ConfigError, load_yaml, parse_assignment
 
 CHANGEABLE = {"train.epochs": "--epochs", "train.device": "--device", "train.parallel": "--set train.parallel",
-              "train.log_every": "--set train.log_every", "sweetspot.": "--set sweetspot.*",
+              "train.log_every": "--set train.log_every",
+              "train.resume_every_minutes": "--set train.resume_every_minutes", "sweetspot.": "--set sweetspot.*",
               "crossover.": "--set crossover.*",  # the analysis after training, not the training itself
               "data.eval_paths": "--eval-data"}  # scored after training, never trained on
 

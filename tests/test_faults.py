@@ -307,6 +307,21 @@ def kill_three_times(out: Path, rng: random.Random) -> dict:
             "lock_left": lock_left, "p1_pid": p1.p.pid, "p2": p2.text}
 
 
+def kill_after_a_timed_state(out: Path, rng: random.Random) -> dict:
+    """kill -9 in epoch 2 (no time to save anything) once a mid-epoch resume state of step k or
+    later is registered; train.resume_every_minutes so short that every step is due."""
+    p = Proc(train_args(out, "--set", "train.resume_every_minutes=1e-05"))
+    k = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 3)
+    p.wait_for(rf"resume state at step {k} ")
+    deadline = time.monotonic() + 120
+    while not any(e["global_step"] >= k for e in read_registry(out)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send(signal.SIGKILL)
+    rc = p.finish()
+    return {"out": out, "rc": rc, "text": p.text, "k": k,
+            "saved": max(e["global_step"] for e in read_registry(out))}
+
+
 def interrupt_twice(out: Path, rng: random.Random) -> dict:
     """Ctrl-C in epoch 2, then Ctrl-C again (after the 1 s in which a repeat counts as the same
     request) while the resumable state is being written, slowed to 5 s by a test hook."""
@@ -461,6 +476,7 @@ def two_runs_at_once(d: Path, rng: random.Random) -> dict:
 
 
 SCENARIOS = {"sigterm": stop_with_sigterm, "sigkill": kill_three_times, "sigint": interrupt_twice,
+             "timed_state": kill_after_a_timed_state,
              "setup": stop_during_setup, "snapshot": corrupt_a_snapshot, "pickled": load_pickled_code,
              "nan": nan_three_in_a_row, "oom": oom_then_stop, "two_runs": two_runs_at_once,
              "registering": kill_while_registering, "small_disk": three_mib_disk, "disk_fills": disk_fills_in_epoch_2}
@@ -814,6 +830,25 @@ def test_sigkill_at_random_moments_and_mid_write_then_resume_equals_the_straight
     assert read_registry(out) and resume_here(out) == 0
     assert_same_final_state(reference.state(), newest_state(out))
     assert_files_sound(out)
+
+
+def test_a_kill_without_warning_resumes_from_the_last_timed_state_mid_epoch(scenario, reference, one_thread):
+    """train.resume_every_minutes: resume states mid-epoch on a timer, so that a kill -9 resumes
+    from the middle of epoch 2 (not from epoch 1's end) and ends where the uninterrupted run
+    does; at the default (30 minutes) the uninterrupted run saves none mid-epoch."""
+    FIGURES["scenarios"] += 1
+    res = scenario["timed_state"].result()
+    out, saved = res["out"], res["saved"]
+    assert res["rc"] == -signal.SIGKILL, res["text"]
+    FIGURES["kills survived"] += 1
+    assert re.search(rf"resume state at step {res['k']} \(epoch 2, step {res['k'] - STEPS_PER_EPOCH}/6\): "
+                     r"[0-9.e-]+ minutes since the last", res["text"]), res["text"]
+    assert res["k"] <= saved < EPOCHS * STEPS_PER_EPOCH, (res["k"], saved)  # in the middle of epoch 2
+    assert resume_here(out) == 0
+    assert f"at epoch 2, step {saved - STEPS_PER_EPOCH} (global step {saved})" in read_log(out)
+    assert_same_final_state(reference.state(), newest_state(out))
+    assert_files_sound(out)
+    assert "resume state at step" not in reference.proc.text
 
 
 def test_sigint_twice_stops_at_once_and_the_last_complete_state_resumes(scenario, reference, one_thread):

@@ -21,7 +21,7 @@ from redheart.ckpt.retention import select_deletions
 from redheart.ckpt.state import RunPaths, capture_rng, iso_now, read_registry, sidecar_path, write_registry
 from redheart.ckpt.sweetspot import pinned_epochs
 from redheart.config import Config
-from redheart.dist import World, all_objects, broadcast, gathered
+from redheart.dist import World, all_objects, any_rank, broadcast, gathered
 from redheart.model.network import RedHeartNet
 from redheart.train.ema import EMA
 
@@ -61,6 +61,7 @@ class Checkpoints:
         self._pending: Future | None = None
         self._save_pending = False
         self.last_resume_path: str | None = None
+        self.last_begun = time.monotonic()  # when the last resume state was begun (or the trainer made)
 
     def save_snapshot(self, record: dict[str, Any], weights: dict[str, torch.Tensor], peak_lr: float,
                       param_counts: dict[str, int], history: list[dict[str, Any]]) -> str | None:
@@ -135,6 +136,7 @@ class Checkpoints:
         `state_of(rngs)`: the state, given every rank's RNG streams; called on rank 0, and on every
         rank where `everywhere` (FSDP: the shards are gathered)."""
         self.wait_for_save()
+        self.last_begun = time.monotonic()
         rngs = all_objects(capture_rng(), self.world)
         state = state_of(rngs) if self.world.main or everywhere else None
         if background:
@@ -145,6 +147,19 @@ class Checkpoints:
         path = self._write_resume_state(state) if self.world.main else None
         self.last_resume_path = broadcast(path, self.world)
         return self.last_resume_path
+
+    def due(self, global_step: int, steps_left: int) -> bool:
+        """Whether a resume state is due mid-epoch (`train.resume_every_minutes`): that long since
+        the last was begun, the last written, and not at the epoch's last step (its end saves one).
+        Several ranks: rank 0's clock decides, agreed at the log steps (where they sync anyway)."""
+        minutes = self.cfg.train.resume_every_minutes
+        if minutes <= 0 or steps_left == 0:
+            return False
+        due = (self.world.main and time.monotonic() - self.last_begun >= minutes * 60
+               and not (self._pending is not None and not self._pending.done()))
+        if not self.world.active:
+            return due
+        return bool(global_step % self.cfg.train.log_every == 0 and any_rank(due, self.world))
 
     def wait_for_save(self, collective: bool = True) -> None:
         """Join a background write, if any; its path becomes `last_resume_path` (on every rank

@@ -256,6 +256,11 @@ class Trainer:
                         applied = self.settle()
                     bar.step(self, parts, applied is not False)
                 self._stop_if_asked(epoch, len(steps))
+                if self.ckpt.due(self.global_step, len(steps) - self.step_in_epoch):  # mid-epoch, every train.resume_every_minutes
+                    log.info("resume state at step %d (epoch %d, step %d/%d): %.4g minutes since the last",
+                             self.global_step, epoch, self.step_in_epoch, len(steps),
+                             (time.monotonic() - self.ckpt.last_begun) / 60)
+                    self.save_resume_state(background=self.plan.async_save and not self.swap)
             if bar is not None:
                 bar.close()
             self.epoch = epoch
