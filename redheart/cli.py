@@ -33,6 +33,16 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(exitcodes.USAGE)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # Python 3.11's argparse reads `--flag=--` as an empty list for a one-value flag (a
+        # TypeError far from the command line): refuse it here, naming the flag
+        parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if type(action) is argparse._StoreAction and action.nargs is None and isinstance(value, list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value, got none")
+        return parsed, rest
+
 
 # ---------------------------------------------------------------------------------------
 # Handlers: parsed arguments -> exit code

@@ -122,6 +122,9 @@ def cases(d: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
                                     rf"--file {q(str(d / 'texts.txt'))}: no such file"),
         "predict, missing checkpoint": (["predict", "--checkpoint", str(d / "none.pt"), "a text"], {},
                                         rf"--checkpoint {q(str(d / 'none.pt'))}: no such file"),
+        "a flag's value read as none": (["validate", "--output-dir=--"], {},
+                                         r"redheart validate: argument --output-dir: expected one value, got none "
+                                         r"\(see redheart validate --help\)"),
         "info, heads not dividing": (["info", "--preset", "tiny", "--set", "model.heads=7"], {},
                                      r"model.heads: must divide model.hidden=64 \(got 7\)"),
     }
