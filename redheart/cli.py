@@ -116,9 +116,6 @@ def info(args) -> int:
 
 
 def predict(args) -> int:
-    for flag in ("checkpoint", "file", "device"):
-        if isinstance(getattr(args, flag), list):  # argparse reads `--file=--` as no value at all
-            raise ConfigError(f"--{flag}: expected a value")
     if args.file and not os.path.isfile(args.file):
         raise ConfigError(f"--file {args.file}: no such file")
     if not os.path.isfile(args.checkpoint):

@@ -103,6 +103,13 @@ def _as_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+def json_line(row: dict) -> str:
+    """One JSON object on one line, by any reader's rule: JSON leaves U+0085, U+2028 and U+2029
+    unescaped, which Python's splitlines (and JavaScript before ES2019) take for line ends."""
+    text = json.dumps(row, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def utf8_text(data: bytes, where: Callable[[int], str], by_line: bool = True) -> str:
     """`data` decoded as UTF-8; else a ValueError at `where(line)` (its first byte that is not
     UTF-8: the line from 1, and the column, counted in bytes from the start of the line, or of
@@ -137,7 +144,10 @@ def read_texts(args) -> list[str]:
         data = buffer.read() if buffer is not None else _as_bytes(sys.stdin.read())
         text = utf8_text(data, lambda line: f"stdin line {line}")
         where = "stdin"
-    texts = [line for line in text.removeprefix("\ufeff").splitlines() if line.strip()]  # (a byte-order mark)
+    # lines end at \n (and \r\n) only, as the error messages count them: U+2028, U+0085 and the
+    # like are characters of a text, not line ends (str.splitlines would cut a text in two)
+    lines = text.removeprefix("\ufeff").split("\n")  # (a byte-order mark)
+    texts = [line.removesuffix("\r") for line in lines if line.strip()]
     if not texts:
         raise ValueError(f"no texts given: {where} holds no non-blank line")
     return texts
@@ -153,5 +163,5 @@ def predict_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for row in rows:
-        print(json.dumps(row, ensure_ascii=False))
+        print(json_line(row))
     return 0

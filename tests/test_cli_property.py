@@ -143,14 +143,16 @@ def no_internal_error(code: int, out: str, err: str, codes: tuple[int, ...] = (0
 
 
 def predicted(out: str) -> list[dict]:
-    rows = [json.loads(line) for line in out.split("\n")[:-1]]  # (a text may hold U+2028: not str.splitlines)
+    rows = [json.loads(line) for line in out.splitlines()]  # one a line by any splitter: U+2028 comes escaped
     assert out.endswith("\n") and all(set(r) == HEADS for r in rows), rows
     return rows
 
 
 def lines_of(data: bytes) -> list[str]:
-    """The texts predict must read from these bytes (if they are UTF-8 text)."""
-    return [t for t in data.decode("utf-8").removeprefix("\ufeff").splitlines() if t.strip()]
+    """The texts predict must read from these bytes (if they are UTF-8 text): one a line, lines
+    ending at \n or \r\n only (U+2028 and the like are characters of a text)."""
+    lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")
+    return [t.removesuffix("\r") for t in lines if t.strip()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,10 @@ def byte_stdin(data: bytes) -> io.TextIOWrapper:
 
 def predict(argv: list[str], capsys, monkeypatch, stdin: bytes = b"") -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "stdin", byte_stdin(stdin))
-    code = main(["predict", *argv])
+    try:
+        code = main(["predict", *argv])
+    except SystemExit as exc:  # a usage error of the parser
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -97,11 +100,14 @@ def test_argument_not_utf8_names_the_argument(checkpoint, capsys, monkeypatch):
 
 
 def test_utf8_text_of_any_script_is_predicted(checkpoint, tmp_path, capsys, monkeypatch):
-    texts = ["오늘은 좋은 날", "ça va \u2028 ok", "emoji \U0001f600", "tab\tand\x00nul"]
+    """Each line of the input is one text, whatever characters it holds (a line separator
+    U+2028 or a next-line U+0085 inside a text does not cut it), and each comes back as one
+    JSON line that any line splitter reads whole."""
+    texts = ["오늘은 좋은 날", "ça va \u2028 ok", "next\x85line \u2029", "emoji \U0001f600", "tab\tand\x00nul"]
     code, out, err = predict(["--checkpoint", str(checkpoint)], capsys, monkeypatch,
-                             stdin="\ufeff".encode() + "\n".join(texts).encode() + b"\r\n")
+                             stdin="\ufeff".encode() + "\r\n".join(texts).encode() + b"\r\n")
     assert code == 0, err
-    assert [json.loads(line)["text"] for line in out.splitlines()] == [t for t in "\n".join(texts).splitlines()]
+    assert [json.loads(line)["text"] for line in out.splitlines()] == texts
 
 
 def test_the_python_api_refuses_text_that_is_not_unicode(checkpoint):
@@ -147,7 +153,8 @@ def test_an_option_whose_value_is_two_dashes(checkpoint, capsys, monkeypatch, op
     argv = [f"{option}=--", TEXT] if option == "--checkpoint" else ["--checkpoint", str(checkpoint), f"{option}=--", TEXT]
     code, out, err = predict(argv, capsys, monkeypatch, stdin=TEXT.encode())
     assert (code, out) == (2, "")
-    assert only_error(err) == f"error: {option}: expected a value"
+    assert only_error(err) == (f"error: redheart predict: argument {option}: expected one value, got none "
+                               f"(see redheart predict --help)")
 
 
 def test_debug_is_accepted(checkpoint, capsys, monkeypatch):
