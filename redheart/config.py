@@ -328,10 +328,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        """Rebuild a config saved by `to_dict` (unknown keys are an error)."""
+        """Rebuild a config saved by `to_dict` (unknown keys and bad values are an error: a saved
+        config may have been edited, and a model built from a bad one fails far from the cause)."""
         cfg = cls()
         apply_mapping(cfg, data, origin="saved config")
-        return cfg
+        try:
+            return cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"saved config: {exc}") from None
 
     def validate(self) -> "Config":
         """Every section's own checks, and the rules across sections; the first bad value raises."""

@@ -210,3 +210,15 @@ def test_the_issue_debug_command_predicts(issue_commands):
     proc = issue_commands["debug"]
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["text"] == TEXT
+
+
+def test_a_checkpoint_whose_saved_config_is_bad_is_refused_naming_the_field(checkpoint, tmp_path, capsys, monkeypatch):
+    """An edited checkpoint whose config cannot build its model (heads not dividing the width):
+    one error line naming the field, not a reshape error from inside the attention."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["model"]["heads"] = 7
+    bad = tmp_path / "edited.pth"
+    torch.save(ckpt, bad)
+    code, out, err = predict(["--checkpoint", str(bad), TEXT], capsys, monkeypatch)
+    assert (code, out) == (2, "")
+    assert only_error(err) == "error: saved config: model.heads: must divide model.hidden=64 (got 7)"
