@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from redheart import heads
 from redheart.ckpt import io as ckio
 from redheart.ckpt.crossover import average_states, greedy_crossover
 from redheart.ckpt.state import (RunPaths, newest_run, read_history, read_registry, snapshot_entries,
                                  timestamp)
 from redheart.ckpt.sweetspot import analyse, best_epoch
-from redheart.config import MODULES, Config
+from redheart.config import Config
 from redheart.model.network import RedHeartNet
 from redheart.overrides import parse_assignment, set_value
 from redheart.plots import plot_sweet_spot
@@ -30,9 +31,6 @@ from redheart.train.metrics import expected_calibration_error, fit_temperature
 from redheart.train.plan import amp_dtype
 
 log = logging.getLogger("redheart")
-
-SCORE_KEYS = ("loss", "emotion_acc", "emotion_f1", "emotion_ece", "bentham_mae", "bentham_r", "regret_mae", "regret_r",
-              "surd_mae")
 
 
 def write_sweet_spots(history: list[dict[str, Any]], cfg: Config, candidates: set[int], paths: RunPaths,
@@ -118,7 +116,7 @@ def run_crossover(session: Session, paths: RunPaths, history: list[dict[str, Any
     base_epoch = best_epoch(history, candidates, weights)
     base = snapshot(base_epoch)
     plan = []
-    for module in MODULES:
+    for module in heads.modules():
         res = spots[module]
         ep = res.get("epoch")
         if ep is None or ep == base_epoch:
@@ -256,12 +254,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"Parameter Crossover report: run {report['run_id']}",
              f"base: best single epoch {report['base_epoch']}; module sources: "
              + ", ".join(f"{m}={s}" for m, s in report["sources"].items()), ""]
+    keys = [k for k, _ in heads.score_keys()]
     for split in ("val", "test"):
         lines.append(f"{split} scores")
-        lines.append(f"{'model':<14}" + "".join(f"{k:>13}" for k in SCORE_KEYS))
+        lines.append(f"{'model':<14}" + "".join(f"{k:>13}" for k in keys))
         for name, sc in report["scores"].items():
             row = sc.get(split) or {}
-            lines.append(f"{name:<14}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in SCORE_KEYS))
+            lines.append(f"{name:<14}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in keys))
         lines.append("")
     cal = report.get("calibration")
     if cal:

@@ -12,11 +12,14 @@ from typing import Any
 
 import yaml
 
+from redheart import heads
 from redheart.overrides import ConfigError, apply_mapping, load_yaml, parse_assignment, set_value
 
 PRESETS = ("tiny", "730m", "v1-800m", "v1-320m")
-MODULES = ("backbone", "emotion", "bentham", "regret", "surd")
-HEADS = ("emotion", "bentham", "regret", "surd")
+# The names, from the table of heads (redheart/heads.py), for readers of the config; the
+# package's modules call `heads.modules()` and `heads.names()` instead, which follow the table.
+MODULES = heads.modules()
+HEADS = heads.names()
 
 
 def _check(ok: bool, where: str, msg: str, value: Any) -> None:
@@ -100,9 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = 30  # at most this many epoch snapshots; pinned ones are never deleted
     snapshot_dtype: str = "bf16"  # dtype of the weights in epoch snapshots: bf16 | fp32
     snapshot_weights: str = "raw"  # which weights the epoch snapshots keep for Sweet Spot/Crossover: raw | ema
-    head_weights: dict[str, float] = field(
-        default_factory=lambda: {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 1.0}
-    )
+    head_weights: dict[str, float] = field(default_factory=lambda: {h: 1.0 for h in heads.names()})
     eval_batch: int = 32  # samples per forward pass in validation (does not change any result)
     log_every: int = 10  # optimizer steps between progress lines (--verbose: every step)
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
@@ -195,8 +196,8 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.snapshot_dtype in ("bf16", "fp32"), "train.snapshot_dtype", "bf16 or fp32", self.snapshot_dtype)
         _check(self.snapshot_weights in ("raw", "ema"), "train.snapshot_weights", "raw or ema", self.snapshot_weights)
-        _check(set(self.head_weights) == set(HEADS), "train.head_weights", f"exactly the heads {HEADS}",
-               sorted(self.head_weights))
+        _check(set(self.head_weights) == set(heads.names()), "train.head_weights",
+               f"exactly the heads {heads.names()}", sorted(self.head_weights))
         for h, w in self.head_weights.items():
             _check(w >= 0, f"train.head_weights.{h}", "must be >= 0", w)
         _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens)

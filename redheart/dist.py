@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map_only
 
+from redheart import heads
+
 BUCKET_BYTES = 100 * 2**20
 # Each gradient view of a `FlatGrads` starts at a multiple of this many bytes, as the caching
 # allocator aligns every tensor. Packed back to back, a view after a parameter of odd size (a
@@ -306,22 +308,26 @@ def data_parallel_grads(model: torch.nn.Module, world: World, fsdp: bool, overla
     return flat, ready
 
 
-LOSS_KEYS = ("loss", "task", "rdrop", "emotion", "bentham", "regret", "surd")
+def loss_keys() -> tuple[str, ...]:
+    """The step's loss components that are summed across ranks: the total, the task loss,
+    R-Drop's term and each head's loss (redheart/heads.py)."""
+    return ("loss", "task", "rdrop", *heads.names())
 
 
 def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False) -> torch.Tensor:
     """Sum the step's loss components across ranks with one small all-reduce, and whether any
     rank was asked to stop. The result stays on the device (the caller reads it together with
-    its own checks, see `unpack_scalars`): the sums of LOSS_KEYS, then how many ranks had each,
+    its own checks, see `unpack_scalars`): the sums of `loss_keys`, then how many ranks had each,
     then the stop count. A rank that had no sample this step contributes zeros."""
     ref = next(iter(parts.values()), None)
     device = ref.device if ref is not None else (torch.device("cuda", world.local_rank)
                                                   if dist.get_backend() == "nccl" else torch.device("cpu"))
-    n = len(LOSS_KEYS)
+    keys = loss_keys()
+    n = len(keys)
     vec = torch.zeros(2 * n + 1, device=device)
     # in place on the device: `vec[j] = 1.0` would copy a host scalar, and wait for the device
     # to finish the whole step's work first (103 ms of a 259 ms step on two H200s)
-    for i, k in enumerate(LOSS_KEYS):
+    for i, k in enumerate(keys):
         if k in parts:
             vec[i].copy_(parts[k])
             vec[n + i].fill_(1.0)
@@ -333,9 +339,10 @@ def sum_scalars(parts: dict[str, torch.Tensor], world: World, stop: bool = False
 
 def unpack_scalars(vec: torch.Tensor, counts: list[float]) -> tuple[dict[str, torch.Tensor], bool]:
     """(the summed components some rank had, any rank asked to stop) from `sum_scalars`'s
-    vector and its counts part (`vec[len(LOSS_KEYS):]`) already read to the host."""
-    n = len(LOSS_KEYS)
-    return {k: vec[i] for i, k in enumerate(LOSS_KEYS) if counts[i] > 0}, counts[n] > 0
+    vector and its counts part (`vec[len(loss_keys()):]`) already read to the host."""
+    keys = loss_keys()
+    n = len(keys)
+    return {k: vec[i] for i, k in enumerate(keys) if counts[i] > 0}, counts[n] > 0
 
 
 def gather_rows(local: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
@@ -383,7 +390,7 @@ def shard_model(model: torch.nn.Module, layers: type[torch.nn.Module]) -> None:
 
     # the model's device, not FSDP's default (the GPU whenever there is one: gloo runs on CPUs)
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
-    # the `regret` output is a view (a squeeze); nothing changes the outputs in place
+    # a one-value head's output (regret) is a view (a squeeze); nothing changes the outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for m in list(model.modules()):
         if isinstance(m, layers):

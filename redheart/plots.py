@@ -24,6 +24,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from redheart import heads  # noqa: E402
+
 STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "font.size": 9, "legend.fontsize": 8,
          "axes.titlesize": 10, "lines.markersize": 4}
@@ -34,22 +36,26 @@ VAL = dict(color="tab:orange", ls="-", marker="o")
 VAL_EMA = dict(color="tab:orange", ls="--", marker="s", mfc="none")
 SWEET = dict(color="tab:green", ls=":", lw=1.8)
 
-METRIC_LABELS = {  # validation metric -> axis label with its unit
-    "loss": "combined loss (weighted sum of head losses)",
-    "emotion_loss": "emotion cross-entropy (nats)",
-    "bentham_loss": "Bentham MSE (targets in [0, 1])",
-    "regret_loss": "regret MSE (target in [0, 1])",
-    "surd_loss": "SURD cross-entropy (nats)",
-}
 
-HEAD_PANELS = [  # (title, train key, validation key, y label, module whose sweet spot it shows)
-    ("Combined loss", "task", "loss", "loss (weighted sum of heads)", "backbone"),
-    ("Emotion", "emotion", "emotion_loss", "cross-entropy (nats)", "emotion"),
-    ("Bentham", "bentham", "bentham_loss", "MSE (targets in [0, 1])", "bentham"),
-    ("Regret", "regret", "regret_loss", "MSE (target in [0, 1])", "regret"),
-    ("SURD", "surd", "surd_loss", "cross-entropy (nats)", "surd"),
-]
-PANELS = 9  # the five heads' losses, emotion accuracy/F1, LR, throughput, memory
+
+def metric_label(metric: str) -> str:
+    """A validation metric's axis label, with its unit."""
+    if metric == "loss":
+        return "combined loss (weighted sum of head losses)"
+    for h in heads.HEADS:
+        if metric == f"{h.name}_loss":
+            return f"{h.label} {h.loss_unit}"
+    return f"validation {metric}"
+
+
+def head_panels() -> list[tuple[str, str, str, str, str]]:
+    """The loss panels of the training curves: (title, train key, validation key, y label,
+    module whose sweet spot it shows); the combined loss, then each head's."""
+    return [("Combined loss", "task", "loss", "loss (weighted sum of heads)", "backbone"),
+            *((h.label[0].upper() + h.label[1:], h.name, f"{h.name}_loss", h.loss_unit, h.name) for h in heads.HEADS)]
+
+
+PANELS = 9  # the combined and the four heads' losses, emotion accuracy/F1, LR, throughput, memory
 
 
 def _save(fig: Figure, path: Path, dpi: float | None = None) -> str:
@@ -139,7 +145,7 @@ def plot_sweet_spot(module: str, res: dict[str, Any], path: Path) -> str:
         if res.get("epoch") is not None:
             ax.axvline(res["epoch"], **SWEET, label=f"sweet spot: epoch {res['epoch']} "
                                                     f"(confidence {res['confidence']:.2f})")
-        ax.set(xlabel="epoch", ylabel=METRIC_LABELS.get(res["metric"], f"validation {res['metric']}"),
+        ax.set(xlabel="epoch", ylabel=metric_label(res["metric"]),
                title=f"Sweet Spot: {module}")
         _integer_x(ax)
         _legend_beside(ax)
@@ -192,7 +198,8 @@ def training_curves_figure(history: list[dict[str, Any]], sweet_spots: dict[str,
     fig, grid = plt.subplots(3, 3, figsize=(13, 10), layout="constrained")
     axes = list(grid.ravel())
     order = [axes[0], axes[1], axes[3], axes[4], axes[5]]  # axes[2]: accuracy/F1 beside the emotion loss
-    for ax, (title, tkey, vkey, ylabel, module) in zip(order, HEAD_PANELS):
+    # the grid has room for four heads' losses: a head added to the table has none here yet
+    for ax, (title, tkey, vkey, ylabel, module) in zip(order, head_panels()):
         train = [r["train"].get(tkey, r["train"].get("loss") if tkey == "task" else None) for r in history]
         ax.plot(*_finite(epochs, train), **TRAIN)
         ax.plot(*_finite(epochs, [r["val"].get(vkey) for r in history]), **VAL)

@@ -1,4 +1,4 @@
-"""Using a trained model: texts in, the four heads out, by name.
+"""Using a trained model: texts in, the heads (redheart/heads.py) out, by name.
 
     from redheart.predict import Predictor
     p = Predictor("training/checkpoints_final/crossover_final.pth")  # any checkpoint; CPU by default
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from redheart import heads
 from redheart.data.dataset import TaskData, collate
-from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
+from redheart.data.schema import Record
 from redheart.ckpt.rebuild import model_from_checkpoint
 from redheart.model.encoder import Encoder, Tokenizer
 from redheart.model.network import head_values
@@ -80,17 +81,10 @@ class Predictor:
             keep = batch.keep.to(self.device)
             states = self.encoder(batch.input_ids.to(self.device), keep)
             pred = head_values(self.model(states, keep, batch.padded))
-            emo = torch.softmax(pred["emotion"].float() / self.temperature, -1).cpu()
-            surd = torch.softmax(pred["surd"].float(), -1).cpu()
-            ben, reg = pred["bentham"].float().cpu(), pred["regret"].float().cpu()
+            shown = {h: heads.get(h).output(p, self.temperature if h == "emotion" else 1.0).cpu()
+                     for h, p in pred.items()}
             for row, i in enumerate(idx):
-                out.append({
-                    "text": texts[i],
-                    "emotion": {n: round(float(v), 4) for n, v in zip(EMOTIONS, emo[row])},
-                    "bentham": {n: round(float(v), 4) for n, v in zip(BENTHAM, ben[row])},
-                    "regret": round(float(reg[row]), 4),
-                    "surd": {n: round(float(v), 4) for n, v in zip(SURD, surd[row])},
-                })
+                out.append({"text": texts[i], **{h: heads.get(h).named(v[row]) for h, v in shown.items()}})
         return out
 
 

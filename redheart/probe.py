@@ -1,7 +1,8 @@
 """The yardstick: linear models on the frozen encoder's mean-pooled vectors.
 
-Logistic regression for emotion (on the argmax of the soft target), ridge regression for each
-Bentham value, regret and the SURD shares, trained on the same training split. Their
+Per head (redheart/heads.py): logistic regression for a `classes` head (emotion, on the argmax
+of the soft target), ridge regression for each value of a `values` head (Bentham, regret) and
+for each share of a `shares` head (SURD), trained on the same training split. Their
 predictions are scored by the same `head_metrics` as the network, so the report shows at once
 what the big model adds over a linear probe.
 """
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 
+from redheart import heads
 from redheart.data.features import FeatureSource
 from redheart.train.metrics import head_metrics
 
@@ -33,6 +35,36 @@ def _ridge(x: np.ndarray, y: np.ndarray, mask: np.ndarray, xs: list[np.ndarray])
     return [model.predict(z) for z in xs]
 
 
+def _probe(head: heads.Head, xt: np.ndarray, y: np.ndarray, mask: np.ndarray,
+           xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One head's linear predictions for each split in `xs`, as `head_metrics` takes them (a
+    distribution's log-shares, the values clipped to [0, 1]), from targets `y` and their mask."""
+    names = list(xs)
+    if head.kind == "classes":
+        labels = y.argmax(-1)
+        if mask.sum() >= 2 and len(set(labels[mask])) >= 2:
+            clf = LogisticRegression(max_iter=2000).fit(xt[mask], labels[mask])
+            out = {}
+            for n in names:
+                proba = np.full((len(xs[n]), head.size), 1e-6)
+                proba[:, clf.classes_] = clf.predict_proba(xs[n]) if len(xs[n]) else proba[:, clf.classes_]
+                out[n] = np.log(proba / proba.sum(1, keepdims=True))
+            return out
+        return {n: np.zeros((len(xs[n]), head.size)) for n in names}
+    y, mask = y.reshape(len(y), -1), mask.reshape(len(mask), -1)
+    cols = [_ridge(xt, y[:, j], mask[:, j if head.per_element else 0], [xs[n] for n in names])
+            for j in range(head.size)]
+    out = {}
+    for i, n in enumerate(names):
+        p = np.stack([c[i] for c in cols], 1)
+        if head.kind == "values":
+            out[n] = np.clip(p, 0, 1)
+        else:
+            shares = np.clip(p, 1e-4, None)
+            out[n] = np.log(shares / shares.sum(1, keepdims=True))
+    return out
+
+
 def linear_probe(train: FeatureSource, evals: dict[str, FeatureSource], weights: dict[str, float]) -> dict[str, dict]:
     """Fit on `train`, return the metrics on each named split in `evals`."""
     xt = pooled(train)
@@ -40,28 +72,9 @@ def linear_probe(train: FeatureSource, evals: dict[str, FeatureSource], weights:
     xs = {name: pooled(src) for name, src in evals.items()}
     names = list(xs)
     preds = {n: {} for n in names}
-    em = d.emotion_mask.numpy()
-    labels = d.emotion.argmax(-1).numpy()
-    if em.sum() >= 2 and len(set(labels[em])) >= 2:
-        clf = LogisticRegression(max_iter=2000).fit(xt[em], labels[em])
-        for n in names:
-            proba = np.full((len(xs[n]), 7), 1e-6)
-            proba[:, clf.classes_] = clf.predict_proba(xs[n]) if len(xs[n]) else proba[:, clf.classes_]
-            preds[n]["emotion"] = torch.tensor(np.log(proba / proba.sum(1, keepdims=True)), dtype=torch.float32)
-    else:
-        for n in names:
-            preds[n]["emotion"] = torch.zeros(len(xs[n]), 7)
-    ben = d.bentham.numpy()
-    bmask = d.bentham_mask.numpy()
-    cols = [_ridge(xt, ben[:, j], bmask[:, j], [xs[n] for n in names]) for j in range(ben.shape[1])]
-    reg = _ridge(xt, d.regret.numpy(), d.regret_mask.numpy(), [xs[n] for n in names])
-    surd_mask = d.surd_mask.numpy()
-    surd_cols = [_ridge(xt, d.surd.numpy()[:, j], surd_mask, [xs[n] for n in names]) for j in range(4)]
-    for i, n in enumerate(names):
-        preds[n]["bentham"] = torch.tensor(np.clip(np.stack([c[i] for c in cols], 1), 0, 1), dtype=torch.float32)
-        preds[n]["regret"] = torch.tensor(np.clip(reg[i], 0, 1), dtype=torch.float32)
-        shares = np.clip(np.stack([c[i] for c in surd_cols], 1), 1e-4, None)
-        preds[n]["surd"] = torch.tensor(np.log(shares / shares.sum(1, keepdims=True)), dtype=torch.float32)
+    for h in heads.HEADS:
+        for n, p in _probe(h, xt, getattr(d, h.name).numpy(), getattr(d, f"{h.name}_mask").numpy(), xs).items():
+            preds[n][h.name] = torch.tensor(p, dtype=torch.float32).reshape(h.shape(len(xs[n])))
     out = {}
     for n, src in evals.items():
         tgt = src.data.targets(torch.arange(len(src.data)))

@@ -9,9 +9,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from redheart import heads
 from redheart.ckpt import io as ckio
 from redheart.ckpt.state import RunPaths, read_registry
-from redheart.config import HEADS, MODULES, Config
+from redheart.config import Config
 from redheart.runlog import duration
 from redheart.train import memory
 from redheart.train.stopping import TrainingStopped
@@ -33,13 +34,14 @@ def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> st
     lines = [
         f"Red Heart AI training run {paths.run_id}",
         f"  model     preset {cfg.preset}: {pc['total'] / 1e6:.1f}M trainable parameters ("
-        + ", ".join(f"{m} {pc[m] / 1e6:.1f}M" for m in MODULES) + ")",
+        + ", ".join(f"{m} {pc[m] / 1e6:.1f}M" for m in heads.modules()) + ")",
         f"  device    {session.device}" + (f" ({gpu:.1f} GiB)" if gpu else "")
         + f", {'bf16 autocast' if trainer.dtype is not None else 'fp32'}; estimated training memory "
         f"{est['total_gib']:.1f} GiB" + (f" of {gpu:.1f}" if gpu else ""),
         f"  data      {sources}",
-        f"            {'split':<6}{'records':>9}" + "".join(f"{h:>9}" for h in HEADS),
-        *(f"            {s:<6}{c['records']:>9}" + "".join(f"{c[h]:>9}" for h in HEADS) for s, c in counts.items()),
+        f"            {'split':<6}{'records':>9}" + "".join(f"{h:>9}" for h in heads.names()),
+        *(f"            {s:<6}{c['records']:>9}" + "".join(f"{c[h]:>9}" for h in heads.names())
+          for s, c in counts.items()),
         f"  training  {t.epochs} epochs x {trainer.steps_per_epoch} optimizer steps; effective batch "
         f"{cfg.effective_batch} = micro-batch {t.micro_batch} x accumulation {t.grad_accum}; {lr}, "
         f"warm-up {t.warmup_ratio:.0%} then cosine",
@@ -53,12 +55,6 @@ def start_summary(cfg: Config, paths: RunPaths, session, trainer: Trainer) -> st
     return "\n".join(lines)
 
 
-BEST_METRICS = [  # (validation metric, higher is better)
-    ("loss", False), ("emotion_acc", True), ("emotion_f1", True), ("bentham_mae", False),
-    ("bentham_r", True), ("regret_mae", False), ("regret_r", True), ("surd_mae", False),
-]
-
-
 def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str, Any] | None) -> str:
     """One screen after training: each validation metric (final, best and its epoch, EMA), the
     sweet spots, what the crossover gained, and where every file is."""
@@ -67,7 +63,7 @@ def end_summary(paths: RunPaths, history: list[dict[str, Any]], report: dict[str
     lines = [f"Run {paths.run_id} finished: {len(history)} epochs, {last['global_step']} optimizer steps, "
              f"{duration(sum(r.get('seconds', 0) for r in history))} of training",
              f"  {'validation':<13}{'final':>9}{'best':>9}{'epoch':>7}{'EMA final':>11}"]
-    for key, higher in BEST_METRICS:
+    for key, higher in heads.score_keys(summary_only=True):
         pts = [(r["val"][key], r["epoch"]) for r in history if math.isfinite(r["val"].get(key, math.nan))]
         if not pts:
             continue

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redheart import heads
+
 log = logging.getLogger("redheart")
 
 _FMT = "%(asctime)s %(levelname)-7s %(message)s"
@@ -162,7 +164,7 @@ class Progress:
             self.bar.set_postfix({"loss": f"{float(parts['loss']):.4f}", "lr": f"{lr:.2e}",
                                   "samples/s": f"{rate:.1f}", "run ETA": duration(left_run)})
         comps = " ".join(f"{k}={float(v):.4f}" for k, v in parts.items()
-                         if k in ("loss", "rdrop", "emotion", "bentham", "regret", "surd", "grad_norm"))
+                         if k in ("loss", "rdrop", *heads.names(), "grad_norm"))
         log.info("epoch %d/%d step %d/%d (global %d) %s lr=%.2e %.1f samples/s eta %s (epoch), %s (run)%s",
                  self.epoch, self.epochs, self.done, self.steps, trainer.global_step, comps, lr, rate,
                  duration(left_epoch), duration(left_run), "" if applied else " [skipped: non-finite]",

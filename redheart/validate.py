@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from redheart import heads
 from redheart.config import Config
 
 EXPECTED_PARAMS = {"730m": (730e6, 0.01), "v1-800m": (800e6, 0.02), "v1-320m": (320e6, 0.02)}
@@ -86,10 +87,10 @@ def data_memory_profile(cfg: Config) -> tuple[dict, str]:
     if not records:
         raise ValueError("no usable records")
     lengths = [len(ids) for ids in Tokenizer(cfg.model.encoder, cfg.model.max_tokens)([r.text for r in records])]
-    heads = {h: sum(getattr(r, h) is not None for r in records) for h in ("emotion", "bentham", "regret", "surd")}
+    labelled = {h: sum(getattr(r, h, None) is not None for r in records) for h in heads.names()}
     cache = sum(lengths) * cfg.model.encoder_dim * 2  # bf16 on a GPU
     cached = cfg.data.encoder_cache == "on" or (cfg.data.encoder_cache == "auto" and cache <= cfg.data.encoder_cache_gb * 2**30)
-    return data_profile(lengths, heads, cache if cached else 0), f"{len(records)} texts of the data"
+    return data_profile(lengths, labelled, cache if cached else 0), f"{len(records)} texts of the data"
 
 
 def check_gpu(cfg: Config, params: int) -> tuple[str, str]:
@@ -145,9 +146,9 @@ def check_data(cfg: Config) -> tuple[str, str]:
     from redheart.data.importers import data_specs, load_records
 
     records, report = load_records(data_specs(cfg.data.paths), skip_bad=True)
-    heads = {h: sum(getattr(r, h) is not None for r in records) for h in ("emotion", "bentham", "regret", "surd")}
+    labelled = {h: sum(getattr(r, h, None) is not None for r in records) for h in heads.names()}
     text = (f"{len(records)} records from {len(report.files)} file(s); with targets: "
-            + ", ".join(f"{h} {n}" for h, n in heads.items()))
+            + ", ".join(f"{h} {n}" for h, n in labelled.items()))
     if report.skipped:
         first = next(f.first_errors[0] for f in report.files if f.first_errors)
         return ("warn" if cfg.data.skip_bad_records else "fail"), (
@@ -164,7 +165,7 @@ def check_model(cfg: Config) -> tuple[str, str]:
     counts = preset_parameter_counts(cfg)
     total = counts["total"]
     text = f"{total / 1e6:.1f}M trainable parameters (" + ", ".join(
-        f"{m} {counts[m] / 1e6:.1f}M" for m in ("backbone", "emotion", "bentham", "regret", "surd")) + ")"
+        f"{m} {counts[m] / 1e6:.1f}M" for m in heads.modules()) + ")"
     if cfg.preset in EXPECTED_PARAMS:
         want, tol = EXPECTED_PARAMS[cfg.preset]
         if abs(total - want) > tol * want:
@@ -175,6 +176,7 @@ def check_model(cfg: Config) -> tuple[str, str]:
 def check_step(cfg: Config) -> tuple[str, str]:
     from redheart.model.network import RedHeartNet
     from redheart.train.losses import task_loss
+    from redheart.train.step import placeholder_targets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = time.time()
@@ -183,11 +185,9 @@ def check_step(cfg: Config) -> tuple[str, str]:
     x = torch.randn(2, 16, cfg.model.encoder_dim, device=device)
     keep = torch.ones(2, 16, dtype=torch.bool, device=device)
     out = net(x, keep)
-    tgt = {"emotion": torch.full((2, 7), 1 / 7, device=device), "emotion_mask": torch.ones(2, dtype=torch.bool, device=device),
-           "bentham": torch.full((2, 10), 0.5, device=device), "bentham_mask": torch.ones(2, 10, dtype=torch.bool, device=device),
-           "regret": torch.full((2,), 0.5, device=device), "regret_mask": torch.ones(2, dtype=torch.bool, device=device),
-           "surd": torch.full((2, 4), 0.25, device=device), "surd_mask": torch.ones(2, dtype=torch.bool, device=device)}
-    loss, _ = task_loss(out, tgt, {"emotion": 2, "bentham": 20, "regret": 2, "surd": 2}, cfg.train.head_weights)
+    tgt = {k: v.to(device) for k, v in placeholder_targets(2).items() if k != "weight"}
+    counts = {h: int(tgt[f"{h}_mask"].sum()) for h in heads.names()}
+    loss, _ = task_loss(out, tgt, counts, cfg.train.head_weights)
     loss.backward()
     loss = loss.detach()
     no_grad = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]

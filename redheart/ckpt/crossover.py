@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from redheart.config import MODULES
+from redheart import heads
 from redheart.model.modules import module_of
 
 State = dict[str, torch.Tensor]
@@ -36,8 +36,8 @@ def merge_modules(base: State, sources: dict[str, State]) -> State:
     Every key is taken from exactly one state; any missing or extra key is an error.
     """
     for module, st in sources.items():
-        if module not in MODULES:
-            raise KeyError(f"merge source {module!r} is no module (expected one of {MODULES})")
+        if module not in heads.modules():
+            raise KeyError(f"merge source {module!r} is no module (expected one of {heads.modules()})")
         check_same_keys(base, st, module)
     return {k: (sources[module_of(k)][k] if module_of(k) in sources else v) for k, v in base.items()}
 

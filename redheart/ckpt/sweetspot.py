@@ -20,16 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from redheart.config import MODULES, Config
+from redheart import heads
+from redheart.config import Config
 
-# Which metric each module is judged by, and whether higher is better.
-MODULE_METRIC = {
-    "backbone": ("loss", False),
-    "emotion": ("emotion_loss", False),
-    "bentham": ("bentham_loss", False),
-    "regret": ("regret_loss", False),
-    "surd": ("surd_loss", False),
-}
+
+def module_metric(module: str) -> tuple[str, bool]:
+    """The validation metric a module is judged by, and whether higher is better: the backbone
+    by the combined loss, a head by its own loss."""
+    return ("loss", False) if module == "backbone" else (f"{module}_loss", False)
 
 
 def _running(values: np.ndarray, window: int, fn) -> np.ndarray:
@@ -139,8 +137,8 @@ def analyse(history: list[dict[str, Any]], candidates: set[int] | None, cfg: Con
             weights: str = "raw") -> dict[str, dict[str, Any]]:
     """The sweet spot of every module; a module whose head has no validation targets is marked."""
     out = {}
-    for module in MODULES:
-        key, higher = MODULE_METRIC[module]
+    for module in heads.modules():
+        key, higher = module_metric(module)
         epochs, values = metric_series(history, key, weights)
         if not epochs:
             out[module] = {"epoch": None, "metric": key, "confidence": 0.0, "no_targets": True,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from redheart.data.schema import BENTHAM, EMOTIONS, SURD, Record
+from redheart import heads
+from redheart.data.schema import Record
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +68,8 @@ def vote_weights(votes: torch.Tensor, overdispersion: float) -> torch.Tensor:
 
 
 class TaskData:
-    """One split as tensors: token ids and lengths, targets with their masks."""
+    """One split as tensors: token ids and lengths, and per head (redheart/heads.py) its targets
+    and their mask, as the attributes `{head}` and `{head}_mask`."""
 
     def __init__(self, records: list[Record], token_ids: list[list[int]]):
         n = len(records)
@@ -75,53 +77,29 @@ class TaskData:
         self.ids = [r.id for r in records]
         self.token_ids = token_ids
         self.lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-        self.emotion = torch.zeros(n, len(EMOTIONS))
-        self.emotion_mask = torch.zeros(n, dtype=torch.bool)
-        self.bentham = torch.zeros(n, len(BENTHAM))
-        self.bentham_mask = torch.zeros(n, len(BENTHAM), dtype=torch.bool)
-        self.regret = torch.zeros(n)
-        self.regret_mask = torch.zeros(n, dtype=torch.bool)
-        self.surd = torch.zeros(n, len(SURD))
-        self.surd_mask = torch.zeros(n, dtype=torch.bool)
+        self.head_names = heads.names()
+        for h in heads.HEADS:
+            rows = [h.target(getattr(r, h.name, None)) for r in records]
+            setattr(self, h.name, torch.tensor([v for v, _ in rows], dtype=torch.float32).reshape(h.shape(n)))
+            setattr(self, f"{h.name}_mask", torch.tensor([m for _, m in rows], dtype=torch.bool).reshape(h.mask_shape(n)))
         self.votes = torch.tensor([float(r.votes or 0) for r in records])  # 0: not vote shares
-        self.weight = torch.ones(n)  # of the record's regret and Bentham losses (`vote_weights`)
-        for i, r in enumerate(records):
-            if r.emotion is not None:
-                self.emotion[i] = torch.tensor(r.emotion)
-                self.emotion_mask[i] = True
-            if r.bentham is not None:
-                for j, v in enumerate(r.bentham):
-                    if v is not None:
-                        self.bentham[i, j] = v
-                        self.bentham_mask[i, j] = True
-            if r.regret is not None:
-                self.regret[i] = r.regret
-                self.regret_mask[i] = True
-            if r.surd is not None:
-                self.surd[i] = torch.tensor(r.surd)
-                self.surd_mask[i] = True
+        self.weight = torch.ones(n)  # of the losses of the heads weighed by votes (`vote_weights`)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def targets(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "emotion": self.emotion[idx], "emotion_mask": self.emotion_mask[idx],
-            "bentham": self.bentham[idx], "bentham_mask": self.bentham_mask[idx],
-            "regret": self.regret[idx], "regret_mask": self.regret_mask[idx],
-            "surd": self.surd[idx], "surd_mask": self.surd_mask[idx],
-            "weight": self.weight[idx],
-        }
+        out = {}
+        for h in self.head_names:
+            out[h] = getattr(self, h)[idx]
+            out[f"{h}_mask"] = getattr(self, f"{h}_mask")[idx]
+        out["weight"] = self.weight[idx]
+        return out
 
     def head_counts(self, idx: list[int] | None = None) -> dict[str, int]:
-        """Labelled items per head (bentham: labelled elements) among the given samples."""
+        """Labelled items per head (a `values` head: labelled elements) among the given samples."""
         sel = slice(None) if idx is None else torch.as_tensor(idx, dtype=torch.long)
-        return {
-            "emotion": int(self.emotion_mask[sel].sum()),
-            "bentham": int(self.bentham_mask[sel].sum()),
-            "regret": int(self.regret_mask[sel].sum()),
-            "surd": int(self.surd_mask[sel].sum()),
-        }
+        return {h: int(getattr(self, f"{h}_mask")[sel].sum()) for h in self.head_names}
 
 
 def epoch_plan(lengths: torch.Tensor, effective_batch: int, seed: int, epoch: int,

@@ -20,9 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from redheart import heads
 from redheart.data.schema import (
-    BENTHAM, EMOTIONS, SURD, DataError, Record, bentham_vector, check_id, check_text,
-    detect_lang, distribution, unit_value,
+    BENTHAM, EMOTIONS, SURD, DataError, Record, check_id, check_text, detect_lang, distribution, head_target,
+    unit_value, value_vector,
 )
 
 FORMATS = ("canonical", "redheart", "scruples", "goemotions")
@@ -49,14 +50,14 @@ _GOEMO_TO_CLASS = {name: EMOTIONS.index(cls) for cls, names in GOEMOTIONS_GROUPS
 # with any other field is refused: a field of another format is a target (or text) this
 # importer would drop, and a field of none may be one too.
 FIELDS = {
-    "canonical": ("id", "text", "emotion", "bentham", "regret", "surd", "source", "votes"),
+    "canonical": ("id", "text", *heads.names(), "source", "votes"),
     "redheart": ("id", "text", "situation", "content", "input", "emotions", "bentham_scores", "regret_factor",
                  "surd", "source"),
     "scruples": ("id", "post_id", "title", "text", "action", "post_type", "label", "binarized_label",
                  "label_scores"),
 }
 TARGET_FIELDS = {
-    "canonical": ("emotion", "bentham", "regret", "surd"),
+    "canonical": heads.names(),
     "redheart": ("emotions", "bentham_scores", "regret_factor", "surd"),
     "scruples": ("label_scores",),
 }
@@ -187,24 +188,16 @@ def parse_canonical(obj: dict[str, Any], where: tuple[str, int]) -> Record:
         raise DataError(*where, "text", "missing")
     text = check_text(obj["text"], where)
     rid = check_id(obj["id"], where) if "id" in obj else _stable_id("rec", text)
-    emo = obj.get("emotion")
-    ben = obj.get("bentham")
-    reg = obj.get("regret")
-    surd = obj.get("surd")
     source = obj.get("source", "")
     if not isinstance(source, str):
         raise DataError(*where, "source", f"expected a string, got {source!r}")
     votes = obj.get("votes")
     if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
         raise DataError(*where, "votes", f"expected a whole number of votes >= 1, got {votes!r}")
-    return Record(
-        id=rid, text=text,
-        emotion=None if emo is None else distribution(emo, EMOTIONS, "emotion", where),
-        bentham=None if ben is None else bentham_vector(ben, "bentham", where),
-        regret=None if reg is None else unit_value(reg, "regret", where),
-        surd=None if surd is None else distribution(surd, SURD, "surd", where),
-        votes=votes, source=source or "canonical", lang=detect_lang(text),
-    )
+    record = Record(id=rid, text=text, votes=votes, source=source or "canonical", lang=detect_lang(text))
+    for h in heads.HEADS:  # each head's field, by its kind (a field the table adds: an attribute)
+        setattr(record, h.name, head_target(obj.get(h.name), h, h.name, where))
+    return record
 
 
 def parse_redheart(obj: dict[str, Any], where: tuple[str, int]) -> Record:
@@ -229,7 +222,7 @@ def parse_redheart(obj: dict[str, Any], where: tuple[str, int]) -> Record:
     return Record(
         id=rid, text=text,
         emotion=None if emo is None else distribution(emo, EMOTIONS, "emotions", where, normalise_any_sum=True),
-        bentham=None if ben is None else bentham_vector(ben, "bentham_scores", where),
+        bentham=None if ben is None else value_vector(ben, heads.get("bentham"), "bentham_scores", where),
         regret=None if reg is None else unit_value(reg, "regret_factor", where),
         surd=None if surd is None else distribution(surd, SURD, "surd", where),
         source=str(obj.get("source") or "redheart-llm"), lang=detect_lang(text),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from redheart.config import HEADS, Config
+from redheart.config import Config
 from redheart.data.dataset import SPLITS, TaskData, split_records, take_slice, vote_weights
 from redheart.data.importers import LoadedData, LoadReport, data_specs, load_data
 from redheart.data.schema import DataError
@@ -20,11 +20,11 @@ class DataBundle:
     pad_id: int
 
     def head_counts(self) -> dict[str, dict[str, int]]:
-        """Labelled records per head and split (bentham: records with any labelled value)."""
+        """Labelled records per head and split (a `values` head: records with any labelled value)."""
         out = {}
         for s, d in self.splits.items():
             counts = {h: int(getattr(d, f"{h}_mask").reshape(len(d), -1).any(-1).sum()) if len(d) else 0
-                      for h in HEADS}
+                      for h in d.head_names}
             counts["records"] = len(d)
             out[s] = counts
         return out

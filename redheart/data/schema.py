@@ -1,7 +1,8 @@
 """The canonical record and its validation.
 
-A record carries the text and up to four targets; a target that is missing is `None` (for
-bentham, per element), and it is masked out of losses and metrics, never filled with a value.
+A record carries the text and a target per head (redheart/heads.py), in the field of the head's
+name; a target that is missing is `None` (for bentham, per element), and it is masked out of
+losses and metrics, never filled with a value.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-EMOTIONS = ("joy", "trust", "fear", "surprise", "sadness", "disgust", "anger")
-BENTHAM = ("intensity", "duration", "certainty", "propinquity", "purity",
-           "extent", "fecundity", "remoteness", "succession", "utility")
-SURD = ("synergy", "unique", "redundant", "deterministic")
+from redheart import heads
+from redheart.heads import BENTHAM, EMOTIONS, SURD  # noqa: F401  (the names of the heads' values)
 
 MAX_TEXT_CHARS = 200_000  # a "text" longer than this is almost surely a broken record
 SUM_TOLERANCE = 0.02  # distributions must sum to 1 within this; they are then renormalised
@@ -46,12 +45,12 @@ class Record:
 
     @property
     def has_target(self) -> bool:
-        return (self.emotion is not None or self.regret is not None or self.surd is not None
-                or (self.bentham is not None and any(v is not None for v in self.bentham)))
+        # getattr with a default: a head added to the table may be carried as a plain attribute
+        return any(any(h.target(getattr(self, h.name, None))[1]) for h in heads.HEADS)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "text": self.text, "emotion": self.emotion, "bentham": self.bentham,
-               "regret": self.regret, "surd": self.surd, "source": self.source}
+        out = {"id": self.id, "text": self.text, **{h.name: getattr(self, h.name, None) for h in heads.HEADS},
+               "source": self.source}
         if self.votes is not None:
             out["votes"] = self.votes
         return out
@@ -108,19 +107,31 @@ def distribution(v: Any, names: tuple[str, ...], field: str, where: tuple[str, i
     return [x / total for x in vals]
 
 
-def bentham_vector(v: Any, field: str, where: tuple[str, int | None]) -> list[float | None]:
-    """10 values in [0, 1], each may be null; or a mapping with any subset of the 10 names."""
+def value_vector(v: Any, head: heads.Head, field: str, where: tuple[str, int | None]) -> list[float | None]:
+    """A `values` head's values in [0, 1] (Bentham's 10), each may be null; or a mapping with any
+    subset of their names."""
+    names = head.labels
     if isinstance(v, dict):
         keys = {str(k).strip().lower(): val for k, val in v.items()}
-        unknown = set(keys) - set(BENTHAM)
+        unknown = set(keys) - set(names)
         if unknown:
-            raise DataError(*where, field, f"unknown Bentham keys {sorted(unknown)} (expected {list(BENTHAM)})")
-        v = [keys.get(n) for n in BENTHAM]
+            raise DataError(*where, field, f"unknown {head.label} keys {sorted(unknown)} (expected {list(names)})")
+        v = [keys.get(n) for n in names]
     if not isinstance(v, (list, tuple)):
-        raise DataError(*where, field, f"expected a list of 10 values or a mapping, got {type(v).__name__}")
-    if len(v) != len(BENTHAM):
-        raise DataError(*where, field, f"expected 10 values ({', '.join(BENTHAM)}), got {len(v)}")
-    return [None if x is None else unit_value(x, f"{field}.{BENTHAM[i]}", where) for i, x in enumerate(v)]
+        raise DataError(*where, field, f"expected a list of {head.size} values or a mapping, got {type(v).__name__}")
+    if len(v) != head.size:
+        raise DataError(*where, field, f"expected {head.size} values ({', '.join(names)}), got {len(v)}")
+    return [None if x is None else unit_value(x, f"{field}.{names[i]}", where) for i, x in enumerate(v)]
+
+
+def head_target(v: Any, head: heads.Head, field: str, where: tuple[str, int | None]) -> Any:
+    """A record's target for `head` as the canonical format gives it, checked (None: missing):
+    a distribution's shares, a one-value head's value, or a `values` head's values."""
+    if v is None:
+        return None
+    if head.kind != "values":
+        return distribution(v, head.labels, field, where)
+    return unit_value(v, field, where) if head.size == 1 else value_vector(v, head, field, where)
 
 
 def check_text(text: Any, where: tuple[str, int | None], field: str = "text") -> str:

@@ -1,6 +1,7 @@
-"""The trainable Red Heart network: input projection, a pre-norm Transformer backbone and four
-task towers. It reads the frozen encoder's token states, so the encoder's weights are never in
-its state dict; every parameter name starts with its module (`backbone.`, `emotion.`, ...).
+"""The trainable Red Heart network: input projection, a pre-norm Transformer backbone and a
+task tower per head (redheart/heads.py). It reads the frozen encoder's token states, so the
+encoder's weights are never in its state dict; every parameter name starts with its module
+(`backbone.`, `emotion.`, ...).
 """
 from __future__ import annotations
 
@@ -12,24 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from redheart import heads as head_table  # `heads` here: the towers a forward runs
 from redheart.config import ModelConfig
 from redheart.model.lowp import Linear
 from redheart.model.packing import Packing, pack, unpack
 from redheart.model.varlen import varlen_attention
 
-HEAD_SIZES = {"emotion": 7, "bentham": 10, "regret": 1, "surd": 4}
+# The heads' output sizes, for readers outside the package (bench/); the network reads the table.
+HEAD_SIZES = {h.name: h.size for h in head_table.HEADS}
 # The encoder's top layers when they are trained (model.encoder_trainable): part of the backbone
 # module (its sweet spot, its crossover), at their own LR (trainer.param_groups).
 ENCODER_TOP = "backbone.encoder_top."
-# Heads whose values lie in [0, 1]: the network gives their logits (a loss on the logits keeps a
-# gradient where the sigmoid saturates, losses.py), and `head_values` maps them to [0, 1].
-BOUNDED_HEADS = ("bentham", "regret")
 
 
 def head_values(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The network's outputs as predictions: bentham and regret in [0, 1] (sigmoid of their
-    logits); emotion and surd stay logits (softmax gives their shares)."""
-    return {k: torch.sigmoid(v.float()) if k in BOUNDED_HEADS else v for k, v in out.items()}
+    """The network's outputs as predictions (`Head.prediction`): the `values` heads' in [0, 1]
+    (sigmoid of their logits: the network gives logits, on which the loss keeps a gradient where
+    the sigmoid saturates, losses.py); the distributions stay logits (softmax gives their shares)."""
+    return {k: head_table.get(k).prediction(v) for k, v in out.items()}
 
 
 class SelfAttention(nn.Module):
@@ -146,18 +147,19 @@ class Tower(nn.Module):
 
 class RedHeartNet(nn.Module):
     """Token states (B, L, encoder_dim) and a padding mask (B, L; True = token) in; a dict of
-    logits out: `emotion` (B, 7), `bentham` (B, 10), `regret` (B,), `surd` (B, 4);
-    `head_values` turns them into predictions. With a
+    logits out, one per head of the table as the network was built (`head_names`): `emotion`
+    (B, 7), `bentham` (B, 10), `regret` (B,), `surd` (B, 4); `head_values` turns them into
+    predictions. With a
     `packing` (redheart/model/packing.py) the layers run on the texts packed into rows."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
-        self.emotion = Tower(cfg, HEAD_SIZES["emotion"])
-        self.bentham = Tower(cfg, HEAD_SIZES["bentham"])
-        self.regret = Tower(cfg, HEAD_SIZES["regret"])
-        self.surd = Tower(cfg, HEAD_SIZES["surd"])
+        # in table order: the order of the parameters, so of the random initialisation
+        self.head_names = head_table.names()
+        for h in head_table.HEADS:
+            setattr(self, h.name, Tower(cfg, h.size))
         self.apply(self._init)
         # Scale residual-branch outputs by depth so the residual stream starts near unit scale.
         depth = cfg.layers + cfg.tower_layers
@@ -182,7 +184,7 @@ class RedHeartNet(nn.Module):
         self, states: torch.Tensor, keep: torch.Tensor, padded: bool | None = None,
         packing: Packing | None = None, heads: Collection[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`heads`: the towers to run (None: all four); training leaves out the heads without
+        """`heads`: the towers to run (None: all); training leaves out the heads without
         targets in the step, whose outputs nothing would read."""
         # A boolean SDPA mask: True where a key may be attended to. Skipped when nothing is
         # padded (the collator knows that on the host, so no device sync is needed here).
@@ -191,9 +193,9 @@ class RedHeartNet(nn.Module):
         attn_mask = keep[:, None, None, :] if padded or packing is not None else None
         x = self.backbone(states, attn_mask, packing)
         out = {}
-        for name in HEAD_SIZES:  # in this order whatever `heads` holds: the dropout streams stay put
+        for name in self.head_names:  # in this order whatever `heads` holds: the dropout streams stay put
             if heads is not None and name not in heads:
                 continue
             y = getattr(self, name)(x, attn_mask, keep, packing)
-            out[name] = y.squeeze(-1) if name == "regret" else y
+            out[name] = y.squeeze(-1) if y.shape[-1] == 1 else y  # a one-value head: (B,)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from redheart import heads
 from redheart.config import Config
 from redheart.data.features import FeatureSource
 from redheart.dist import World, gather_rows, is_fsdp
@@ -16,7 +17,7 @@ from redheart.train.metrics import collapsed_heads, head_metrics
 def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int,
                   dtype: torch.dtype | None, world: World | None = None) -> dict[str, torch.Tensor]:
     """Predictions for a whole split, in the split's order, on the CPU (model left in eval
-    mode): emotion and surd logits, bentham and regret values in [0, 1] (`head_values`).
+    mode): each head's `Head.prediction` (the distributions' logits, the [0, 1] values: `head_values`).
 
     Under several processes each rank predicts every world-th text (by length order, so the
     shares cost alike) and the rows are gathered: every rank gets the same full result. Under
@@ -43,8 +44,7 @@ def predict_split(model: torch.nn.Module, source: FeatureSource, batch_size: int
     if outs:
         local = {k: torch.cat(v) for k, v in outs.items()}
     else:  # more ranks than texts: this rank contributes no rows
-        local = {"emotion": torch.zeros(0, 7), "bentham": torch.zeros(0, 10), "regret": torch.zeros(0),
-                 "surd": torch.zeros(0, 4)}
+        local = {h.name: torch.zeros(h.shape(0)) for h in heads.HEADS}
     local["index"] = torch.tensor(order, dtype=torch.long)
     rows = gather_rows(local, world)
     inverse = torch.empty(n, dtype=torch.long)

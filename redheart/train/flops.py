@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
+from redheart import heads as head_table  # `heads` here: the towers a step runs
 from redheart.config import ModelConfig
-from redheart.model.network import HEAD_SIZES
 
 # all-MiniLM-L6-v2's layers: 4 h^2 + 2 h f weights each (h 384, f 1536), 2 FLOPs a weight a token
 ENCODER = {"layer_params": 4 * 384**2 + 2 * 384 * 1536, "layers": 6, "hidden": 384}
@@ -44,9 +44,9 @@ def _tower(cfg: ModelConfig, lengths: list[int], out_dim: int) -> float:
 def train_flops(cfg: ModelConfig, lengths: list[int], rdrop: bool, encoder_runs: bool,
                 heads: Iterable[str] | None = None) -> float:
     """FLOPs of the forward and the backward, doubled by R-Drop's second pass, plus the encoder's
-    forward. `heads`: the towers the step runs (None: all four; `step.towers_run`)."""
+    forward. `heads`: the towers the step runs (None: all; `step.towers_run`)."""
     projection, backbone = _projection(cfg, lengths), _layers(cfg, cfg.layers, lengths)
-    towers = sum(_tower(cfg, lengths, d) for name, d in HEAD_SIZES.items() if heads is None or name in heads)
+    towers = sum(_tower(cfg, lengths, h.size) for h in head_table.HEADS if heads is None or h.name in heads)
     top = _encoder_layers(cfg.encoder_trainable, lengths)  # the encoder's trained top layers
     # their input, the frozen layers' states, takes no gradient: not the first q, k, v products'
     top_input = 2 * 3 * ENCODER["hidden"] ** 2 * sum(lengths) if cfg.encoder_trainable else 0

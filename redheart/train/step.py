@@ -15,14 +15,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from redheart.config import HEADS, TechniqueConfig
+from redheart import heads as head_table  # `heads` here: the towers a step runs
+from redheart.config import TechniqueConfig
 from redheart.model.packing import Packing, packed_rows, plan
 from redheart.train.losses import rdrop_consistency, task_loss
 
 log = logging.getLogger("redheart")
 
-TARGET_KEYS = ("emotion", "emotion_mask", "bentham", "bentham_mask", "regret", "regret_mask", "surd", "surd_mask",
-               "weight")
+
+def placeholder_targets(b: int) -> dict[str, torch.Tensor]:
+    """Targets for b samples with every item labelled, at a neutral value (a distribution's
+    uniform shares, 0.5 for a [0, 1] value): the shapes a step's targets have, for a CUDA graph
+    to capture and for the pre-flight check's step (validate.py)."""
+    tgt = {}
+    for h in head_table.HEADS:
+        tgt[h.name] = torch.full(h.shape(b), 0.5 if h.kind == "values" else 1 / h.size)
+        tgt[f"{h.name}_mask"] = torch.ones(h.mask_shape(b), dtype=torch.bool)
+    tgt["weight"] = torch.ones(b)
+    return tgt
 
 
 def plan_packing(lengths: list[int], tech: TechniqueConfig, device: torch.device, width: int = 0,
@@ -49,7 +59,7 @@ def micro_batch_tokens(lengths: list[int], rdrop: bool, width: int, packed: bool
 
 
 def towers_run(counts: dict[str, int]) -> list[str] | None:
-    """The towers a training step runs (None: all four): the heads with targets in the step.
+    """The towers a training step runs (None: all): the heads with targets in the step.
     Another head's loss is left out (losses.py), so its tower's forward would be wasted and
     it runs no backward. CUDA graphs are captured per set of towers."""
     return [h for h, c in counts.items() if c > 0] or None
@@ -90,7 +100,7 @@ def forward_loss(model: nn.Module, states: torch.Tensor, keep: torch.Tensor, pad
 def inverse_counts(counts: dict[str, int], device: torch.device) -> torch.Tensor:
     from redheart.data.features import to_device
 
-    return to_device([1.0 / counts[h] if counts[h] > 0 else 0.0 for h in HEADS], device, torch.float32)
+    return to_device([1.0 / counts[h] if counts[h] > 0 else 0.0 for h in head_table.names()], device, torch.float32)
 
 
 @dataclass
@@ -102,7 +112,7 @@ class _Graph:
     inv: torch.Tensor
     packing: Packing | None  # its index is the graph's input, rewritten before each replay
     parts: dict[str, torch.Tensor]
-    heads: tuple[str, ...] | None  # the towers it runs (None: all four)
+    heads: tuple[str, ...] | None  # the towers it runs (None: all)
     fired: tuple[int, ...] = ()  # the gradient buckets whose events its replay records (GradReadiness)
 
 
@@ -138,17 +148,13 @@ class GraphedMicroSteps:
         # after, so that training's dropout masks do not depend on when graphs are captured (a
         # resumed run captures them again; a step's last micro-batch has graphs of its own)
         rng = torch.cuda.get_rng_state(device)
-        tg = {"emotion": torch.full((b, 7), 1 / 7), "bentham": torch.full((b, 10), 0.5),
-              "regret": torch.full((b,), 0.5), "surd": torch.full((b, 4), 0.25),
-              "emotion_mask": torch.ones(b, dtype=torch.bool), "bentham_mask": torch.ones(b, 10, dtype=torch.bool),
-              "regret_mask": torch.ones(b, dtype=torch.bool), "surd_mask": torch.ones(b, dtype=torch.bool),
-              "weight": torch.ones(b)}
+        tg = placeholder_targets(b)
         # packed: any distinct positions do for the capture; each replay writes its own plan
         packing = None if not rows else Packing(torch.arange(rows * width, device=device),
                                                 b * (2 if self.tech.rdrop_alpha > 0 else 1), rows, width)
         g = _Graph(torch.cuda.CUDAGraph(), torch.randn(b, width, dim, device=device).to(states_dtype),
                    torch.ones(b, width, dtype=torch.bool, device=device),
-                   {k: v.to(device) for k, v in tg.items()}, torch.full((len(HEADS),), 1.0 / b, device=device),
+                   {k: v.to(device) for k, v in tg.items()}, torch.full((len(head_table.HEADS),), 1.0 / b, device=device),
                    packing, {}, heads)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -178,7 +184,7 @@ class GraphedMicroSteps:
                  inv: torch.Tensor, lengths: list[int] | None = None, heads: list[str] | None = None,
                  last: bool = True) -> dict[str, torch.Tensor]:
         """One micro-batch; `lengths` (the texts' token counts) are needed when packing; `heads`:
-        the towers to run (None: all four), each set its own graphs. With `ready`, the graphs of a
+        the towers to run (None: all), each set its own graphs. With `ready`, the graphs of a
         step's `last` micro-batch are others than the rest: only they record the gradient buckets'
         events."""
         b, n, dim = states.shape
@@ -195,8 +201,8 @@ class GraphedMicroSteps:
         g.states[:, :n].copy_(states, non_blocking=True)
         g.keep.zero_()
         g.keep[:, :n].copy_(keep, non_blocking=True)
-        for k in TARGET_KEYS:
-            g.targets[k].copy_(tgt[k], non_blocking=True)
+        for k, v in g.targets.items():
+            v.copy_(tgt[k], non_blocking=True)
         g.inv.copy_(inv, non_blocking=True)
         if packing is not None:
             g.packing.index.copy_(packing.index, non_blocking=True)

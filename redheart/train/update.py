@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from redheart.config import Config
-from redheart.dist import (LOSS_KEYS, FlatGrads, GradReadiness, World, any_rank, is_dtensor, sum_scalars,
+from redheart.dist import (FlatGrads, GradReadiness, World, any_rank, is_dtensor, loss_keys, sum_scalars,
                            unpack_scalars)
 from redheart.model.network import ENCODER_TOP
 from redheart.train.ema import EMA
@@ -194,7 +194,7 @@ class Update:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if is_dtensor(norm):  # under FSDP: the norm over all ranks' shards
             norm = norm.full_tensor()
-        loss = parts["loss"] if summed is None else summed[0]  # LOSS_KEYS[0] is the total loss
+        loss = parts["loss"] if summed is None else summed[0]  # loss_keys()[0] is the total loss
         ok = torch.isfinite(norm) & torch.isfinite(loss)
         check = ok if summed is None else torch.cat([ok.float().view(1).to(summed.device), summed])
         if defer:
@@ -220,7 +220,7 @@ class Update:
         """Several ranks: from the check vector (`apply_update`) on the device and its copy on the
         host, put the loss parts summed over the ranks into `parts`, note whether any rank asked
         to stop, and return whether the step was applied (the same on every rank)."""
-        totals, self.stop_agreed = unpack_scalars(check[1:], host[1 + len(LOSS_KEYS):])
+        totals, self.stop_agreed = unpack_scalars(check[1:], host[1 + len(loss_keys()):])
         parts.update(totals)
         return host[0] > 0
 
