@@ -256,11 +256,11 @@ class Trainer:
                         applied = self.settle()
                     bar.step(self, parts, applied is not False)
                 self._stop_if_asked(epoch, len(steps))
-                if self.ckpt.due(self.global_step, len(steps) - self.step_in_epoch):  # mid-epoch, every train.resume_every_minutes
+                if self.ckpt.due(self.global_step, len(steps) - self.step_in_epoch):  # train.resume_every_minutes
                     log.info("resume state at step %d (epoch %d, step %d/%d): %.4g minutes since the last",
                              self.global_step, epoch, self.step_in_epoch, len(steps),
                              (time.monotonic() - self.ckpt.last_begun) / 60)
-                    self.save_resume_state(background=self.plan.async_save and not self.swap)
+                    self.save_resume_state(background=True)
             if bar is not None:
                 bar.close()
             self.epoch = epoch
@@ -361,7 +361,7 @@ class Trainer:
                 self.ckpt.save_snapshot(record, weights, self.update.lr, self.param_counts, self.history)
         if any_rank(failed(), self.world):
             self._unclose_epoch(record, steps)
-        self.save_resume_state(background=self.plan.async_save and not self.swap)  # swap manager: host memory is short
+        self.save_resume_state(background=True)
         return record
 
     def _evaluate(self) -> dict[str, Any]:
@@ -455,8 +455,10 @@ class Trainer:
         }
 
     def save_resume_state(self, background: bool = False) -> str | None:
-        """Write a resume state and register it (`Checkpoints.save_resume_state`); None when it
-        could not be written, or while it is being written in the background."""
+        """A resume state, registered (`Checkpoints.save_resume_state`; None if not written or still
+        being written). `background` where train.async_save allows, never under the swap manager
+        (the thread's copy needs host memory, which is short there); a stop writes at once."""
+        background = background and self.plan.async_save and not self.swap
         return self.ckpt.save_resume_state(self.resume_state, self.plan.fsdp, background)
 
     def restore(self, state: dict[str, Any]) -> None:
